@@ -1,0 +1,43 @@
+# Every target creates what it needs: the virtual environment, the packages,
+# and (for tests, demo and benchmarks) a PostgreSQL server.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: install demo test test-unit lint format stamp bench bench-quick soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(BIN)/pyqueue demo
+
+lint: install
+	$(BIN)/sqlfluff lint sql/
+	$(BIN)/ruff check pyqueue tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format pyqueue tests
+	$(BIN)/ruff check --fix pyqueue tests
+
+# Rewrites the checksum each sql/ file records for itself (after editing one).
+stamp: install
+	$(BIN)/python -c "from pathlib import Path; from pyqueue import migrations; \
+	  print(*migrations.stamp(Path('sql')), sep='\n')"
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,120 @@
+"""Outcomes: resolves the futures behind ``Job.done`` from the table.
+
+A notification on ``jobs_finished`` says which job to look at; a poll every
+``poll_interval`` looks at all of them, so a missed notification delays a
+result but never loses it. Reads go through ``job_outcomes()``, many ids in
+one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._connection import Backoff, is_transient
+from .errors import JobDeleted, JobRejected, QueueNotOpen
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[list[int]], Awaitable[list[tuple[int, str, Any]]]]
+
+
+class Outcomes:
+    """The futures of every watched job, and the task that settles them."""
+
+    def __init__(self, fetch: Fetch, *, poll_interval: float) -> None:
+        self._fetch = fetch
+        self._poll_interval = poll_interval
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._due: set[int] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start settling futures; call from the event loop that awaits them."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop, cancelling the futures of jobs still unfinished."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for future in self._futures.values():
+            future.cancel("the queue was closed before the job finished")
+        self._futures.clear()
+
+    def watch(self, job_id: int) -> asyncio.Future[Any]:
+        """The future of `job_id`'s outcome, created and looked up on first use."""
+        future = self._futures.get(job_id)
+        if future is not None:
+            return future
+        if self._task is None:
+            raise QueueNotOpen(
+                f"cannot wait for job {job_id}: the queue is not open; "
+                "use `async with queue` or `await queue.open()`"
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._futures[job_id] = future
+        self._mark_due([job_id])
+        return future
+
+    def notified(self, job_id: int) -> None:
+        """A notification said `job_id` finished or was deleted: look now."""
+        if job_id in self._futures:
+            self._mark_due([job_id])
+
+    def recheck_all(self) -> None:
+        """Look at every watched job now (after a reconnect, when NOTIFYs were lost)."""
+        self._mark_due(list(self._futures))
+
+    def _mark_due(self, job_ids: list[int]) -> None:
+        self._due.update(job_ids)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            except TimeoutError:
+                self._due.update(self._futures)
+            self._wake.clear()
+            due = [i for i in self._due if i in self._futures]
+            self._due.clear()
+            if not due:
+                continue
+
+            try:
+                rows = await self._fetch(due)
+            except Exception as exc:
+                if not is_transient(exc):
+                    logger.error("reading job outcomes failed", exc_info=True)
+                self._due.update(due)
+                await asyncio.sleep(backoff.next_delay())
+                self._wake.set()
+                continue
+            backoff.reset()
+            self._settle(due, rows)
+
+    def _settle(self, due: list[int], rows: list[tuple[int, str, Any]]) -> None:
+        found = {row[0]: row for row in rows}
+        for job_id in due:
+            future = self._futures.get(job_id)
+            if future is None:
+                continue
+            row = found.get(job_id)
+            if row is None:
+                settled = self._futures.pop(job_id)
+                if not settled.done():
+                    settled.set_exception(JobDeleted(job_id))
+            elif row[1] == "resolved":
+                settled = self._futures.pop(job_id)
+                if not settled.done():
+                    settled.set_result(row[2])
+            elif row[1] == "rejected":
+                settled = self._futures.pop(job_id)
+                if not settled.done():
+                    settled.set_exception(JobRejected(job_id, row[2]))

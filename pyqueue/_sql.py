@@ -1,0 +1,47 @@
+"""Every SQL statement pyqueue sends at run time: calls of the stored functions.
+
+Each is a template with ``{schema}``, composed once per Queue with the schema
+as a ``psycopg.sql.Identifier``; values always travel as query parameters.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+PUBLISH_JOB = "SELECT {schema}.publish_job(%s, %s::jsonb, %s)"
+PUBLISH_JOBS = "SELECT {schema}.publish_jobs(%s::text[], %s::jsonb[], %s::text[])"
+CLAIM_NEXT_JOB = (
+    "SELECT id, category, args, queue, attempts"
+    " FROM {schema}.claim_next_job(%s, %s, %s)"
+)
+COMPLETE_JOB = "SELECT {schema}.complete_job(%s, %s, %s, %s::jsonb)"
+RENEW_CLAIMS = "SELECT {schema}.renew_claims(%s, %s, %s)"
+RELEASE_CLAIMS = "SELECT {schema}.release_claims(%s, %s)"
+REGISTER_WORKER = "SELECT {schema}.register_worker(%s)"
+REAP_CLAIMS = "SELECT {schema}.reap_claims()"
+JOB_OUTCOMES = "SELECT id, status, result FROM {schema}.job_outcomes(%s)"
+LISTEN = "LISTEN {channel}"
+
+# Migrations: the ledger, and the per-schema lock that serializes migrators.
+LEDGER_EXISTS = "SELECT to_regclass(%s) IS NOT NULL"
+LEDGER_ROWS = (
+    "SELECT version, name, checksum, applied_at"
+    " FROM {schema}.pyqueue_migrations ORDER BY version"
+)
+MIGRATION_LOCK = "SELECT pg_advisory_lock(hashtext('pyqueue:migrate'), hashtext(%s))"
+MIGRATION_UNLOCK = (
+    "SELECT pg_advisory_unlock(hashtext('pyqueue:migrate'), hashtext(%s))"
+)
+SET_SEARCH_PATH = "SET search_path TO {schema}, pg_temp"
+RESET_SEARCH_PATH = "RESET search_path"
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+
+
+def compose(template: str, schema: str) -> sql.Composed:
+    """Bind ``{schema}`` in `template` to `schema`, quoted as an identifier."""
+    return sql.SQL(template).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+
+
+def channel(name: str, schema: str) -> str:
+    """The NOTIFY channel `name` of the installation in `schema` (see 0003)."""
+    return name if schema == "public" else f"{schema}.{name}"

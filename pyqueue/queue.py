@@ -1,0 +1,356 @@
+"""Queue: the Python face of pyqueue: register handlers, publish, await results.
+
+A Queue holds a connection pool for calls of the stored functions, one
+listening connection for notifications, the futures behind ``Job.done``
+(``_outcomes.Outcomes``) and, when handlers are registered, a Worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from . import _connection, _embedded, _sql, migrations
+from ._listener import Listener
+from ._outcomes import Outcomes
+from .errors import ConnectionFailed, InvalidJob, QueueNotOpen
+from .job import Job
+from .worker import Handler, Worker
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ENV_DSN = "PYQUEUE_DSN"
+
+_SQLSTATE_INVALID = {"PQ001", "PQ005", "22P02"}
+
+
+class Queue:
+    """A job queue in one PostgreSQL schema.
+
+    ``dsn``: a libpq connection string or URI; None means ``$PYQUEUE_DSN``,
+    else the embedded server (started on demand, migrated automatically).
+    ``concurrency``: jobs (of different queues) this Queue runs at once.
+    ``claim_timeout``: seconds a claim outlives a worker that stopped renewing it.
+    ``poll_interval``: seconds at most that a missed notification delays work.
+    ``reap_interval``: how often to give back the claims of dead workers.
+    ``shutdown_grace``: seconds ``close()`` lets running jobs finish.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        schema: str = "public",
+        concurrency: int = 10,
+        claim_timeout: float = 60.0,
+        poll_interval: float = 5.0,
+        reap_interval: float = 2.0,
+        shutdown_grace: float = 30.0,
+        worker_name: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+        if claim_timeout <= 0 or poll_interval <= 0 or reap_interval <= 0:
+            raise ValueError("claim_timeout, poll_interval and reap_interval must be > 0")
+        self.dsn = dsn
+        self.schema = schema
+        self.concurrency = concurrency
+        self.claim_timeout = claim_timeout
+        self.poll_interval = poll_interval
+        self.reap_interval = reap_interval
+        self.shutdown_grace = shutdown_grace
+        self.worker_name = worker_name or (
+            f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self._handlers: dict[str, Handler] = {}
+        self._statements: dict[str, psycopg.sql.Composed] = {}
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._listener: Listener | None = None
+        self._outcomes: Outcomes | None = None
+        self._worker: Worker | None = None
+        self._open = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- handlers -------------------------------------------------------------
+
+    def register(self, category: str, handler: Handler) -> None:
+        """Run `handler` (async or plain def, one argument: the job's args) for
+        jobs of `category`. Register before ``open()``."""
+        if not category:
+            raise ValueError("category must not be empty")
+        if self._open:
+            raise RuntimeError("register handlers before the queue is opened")
+        self._handlers[category] = handler
+
+    def handler(self, category: str) -> Callable[[F], F]:
+        """Decorator form of ``register``."""
+
+        def decorate(fn: F) -> F:
+            self.register(category, fn)
+            return fn
+
+        return decorate
+
+    @property
+    def categories(self) -> list[str]:
+        """The categories this Queue has handlers for."""
+        return sorted(self._handlers)
+
+    # -- life cycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, check the schema, and start working registered categories.
+
+        Raises ConnectionFailed when the server cannot be reached and
+        SchemaNotReady when the schema is not migrated (except on the embedded
+        server, which is migrated here).
+        """
+        if self._open:
+            return
+        dsn = self.dsn or os.environ.get(ENV_DSN)
+        embedded = not dsn
+        if not dsn:
+            dsn = await asyncio.to_thread(_embedded.dsn)
+        self._statements = {
+            name: _sql.compose(getattr(_sql, name), self.schema)
+            for name in (
+                "PUBLISH_JOB", "PUBLISH_JOBS", "CLAIM_NEXT_JOB", "COMPLETE_JOB",
+                "RENEW_CLAIMS", "RELEASE_CLAIMS", "REGISTER_WORKER", "REAP_CLAIMS",
+                "JOB_OUTCOMES",
+            )
+        }
+
+        conn = await _connection.connect(dsn)
+        try:
+            if embedded:
+                await migrations.migrate(conn, schema=self.schema)
+            await migrations.check(conn, schema=self.schema)
+        finally:
+            await conn.close()
+
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=self.concurrency + 2,
+            kwargs=dict(_connection.CONNECT_KWARGS),
+            open=False,
+            name="pyqueue",
+        )
+        await self._pool.open()
+        self._outcomes = Outcomes(self._fetch_outcomes, poll_interval=self.poll_interval)
+        self._outcomes.start()
+        if self._handlers:
+            self._worker = Worker(
+                call=self._call,
+                handlers=dict(self._handlers),
+                worker_id=self.worker_name,
+                concurrency=self.concurrency,
+                claim_timeout=self.claim_timeout,
+                poll_interval=self.poll_interval,
+                reap_interval=self.reap_interval,
+            )
+        self._listener = Listener(
+            dsn,
+            setup=self._setup_listener,
+            on_notify=self._on_notify,
+            on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
+        )
+        try:
+            await self._listener.start()
+        except BaseException:
+            await self._outcomes.stop()
+            await self._pool.close()
+            raise
+        if self._worker is not None:
+            self._worker.start()
+            logger.info(
+                "worker started for %s", ", ".join(self.categories),
+                extra={"worker_id": self.worker_name, "schema": self.schema},
+            )
+        self._open = True
+
+    async def close(self, *, grace: float | None = None) -> None:
+        """Stop claiming, let running jobs finish within `grace` seconds
+        (default ``shutdown_grace``), give back the claims of the rest, and
+        disconnect. Futures of unfinished jobs are cancelled."""
+        if not self._open:
+            return
+        self._open = False
+        if self._worker is not None:
+            await self._worker.stop(self.shutdown_grace if grace is None else grace)
+            logger.info("worker stopped", extra={"worker_id": self.worker_name})
+            self._worker = None
+        if self._listener is not None:
+            await self._listener.stop()
+        if self._outcomes is not None:
+            await self._outcomes.stop()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def __aenter__(self) -> Queue:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- publishing -----------------------------------------------------------
+
+    async def publish(
+        self,
+        category: str,
+        args: Any = None,
+        *,
+        queue_name: str | None = "default",
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Job[Any]:
+        """Publish a job and return it; ``await job.done`` gives its result.
+
+        With `connection`, the job is published in that connection's current
+        transaction: it exists, and runs, only once the caller commits.
+        Raises InvalidJob, before anything is written, for an empty category
+        or args that are not JSON-serializable.
+        """
+        payload = _to_json(args, what="args")
+        if not category:
+            raise InvalidJob(f"job category must not be empty, got {category!r}")
+        rows = await self._execute(
+            "PUBLISH_JOB", (category, payload, queue_name), connection=connection
+        )
+        return self.job(rows[0][0])
+
+    async def publish_many(
+        self,
+        jobs: Iterable[tuple[str, Any]],
+        *,
+        queue_name: str | Iterable[str] | None = "default",
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[Job[Any]]:
+        """Publish (category, args) pairs with one statement, in order.
+
+        `queue_name` is one name for all, or one per job. Returns the jobs in
+        input order; the same transaction rules and errors as ``publish``.
+        """
+        pairs = list(jobs)
+        categories = [category for category, _ in pairs]
+        payloads = [_to_json(args, what="args") for _, args in pairs]
+        if isinstance(queue_name, str) or queue_name is None:
+            queues = [queue_name] * len(pairs)
+        else:
+            queues = list(queue_name)
+        if len(queues) != len(pairs):
+            raise InvalidJob(f"got {len(pairs)} jobs but {len(queues)} queue names")
+        if not all(categories):
+            raise InvalidJob("job category must not be empty")
+        rows = await self._execute(
+            "PUBLISH_JOBS", (categories, payloads, queues), connection=connection
+        )
+        return [self.job(row[0]) for row in rows]
+
+    def job(self, job_id: int) -> Job[Any]:
+        """The Job with `job_id`, published by anyone, e.g. with SQL; its
+        ``done`` needs the queue open."""
+        return Job(int(job_id), self._outcomes)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _execute(
+        self,
+        name: str,
+        params: tuple[Any, ...],
+        *,
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        try:
+            if connection is not None:
+                cursor = await connection.execute(self._statement(name), params)
+                return await cursor.fetchall()
+            return await self._call(name, *params)
+        except psycopg.Error as exc:
+            if exc.sqlstate in _SQLSTATE_INVALID:
+                raise InvalidJob(str(exc.diag.message_primary or exc)) from exc
+            if isinstance(exc, psycopg.OperationalError):
+                raise ConnectionFailed(f"publishing failed: {exc}") from exc
+            raise
+
+    def _statement(self, name: str) -> psycopg.sql.Composed:
+        if not self._statements:
+            self._statements = {name: _sql.compose(getattr(_sql, name), self.schema)}
+        statement = self._statements.get(name)
+        if statement is None:
+            statement = _sql.compose(getattr(_sql, name), self.schema)
+            self._statements[name] = statement
+        return statement
+
+    async def _call(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Call the stored function behind statement `name` on a pooled connection."""
+        if self._pool is None:
+            raise QueueNotOpen(
+                "the queue is not open; use `async with queue` or `await queue.open()`"
+            )
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(self._statements[name], params)
+            return await cursor.fetchall()
+
+    async def _fetch_outcomes(self, job_ids: list[int]) -> list[tuple[int, str, Any]]:
+        rows = await self._call("JOB_OUTCOMES", job_ids)
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    async def _setup_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        for name in ("jobs", "jobs_finished"):
+            channel = _sql.channel(name, self.schema)
+            await conn.execute(
+                psycopg.sql.SQL(_sql.LISTEN).format(channel=psycopg.sql.Identifier(channel))
+            )
+        if self._worker is not None:
+            await conn.execute(self._statements["REGISTER_WORKER"], (self.worker_name,))
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == _sql.channel("jobs", self.schema):
+            if self._worker is not None:
+                self._worker.wake()
+            return
+        try:
+            job_id = int(json.loads(payload)["id"])
+        except (ValueError, KeyError, TypeError):
+            logger.debug("ignored notification %r on %s", payload, channel)
+            return
+        if self._outcomes is not None:
+            self._outcomes.notified(job_id)
+
+    def _on_connected(self) -> None:
+        if self._worker is not None:
+            self._worker.registered(True)
+        if self._outcomes is not None:
+            self._outcomes.recheck_all()
+        if self._pool is not None and self._open:
+            # A reconnect: the pool's idle connections may have died too.
+            task = asyncio.get_running_loop().create_task(self._pool.check())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _on_disconnected(self) -> None:
+        if self._worker is not None:
+            self._worker.registered(False)
+
+
+def _to_json(value: Any, *, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"job {what} are not JSON-serializable: {exc}") from exc

@@ -35,9 +35,13 @@ def describe(dsn: str) -> str:
 async def connect(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     """Open one connection to `dsn`; raises ConnectionFailed with a remedy."""
     try:
-        return await psycopg.AsyncConnection.connect(dsn, **{**CONNECT_KWARGS, **kwargs})
+        return await psycopg.AsyncConnection.connect(
+            dsn, **{**CONNECT_KWARGS, **kwargs}
+        )
     except psycopg.ProgrammingError as exc:
-        raise ConnectionFailed(f"invalid DSN: {exc}; check --dsn or PYQUEUE_DSN") from exc
+        raise ConnectionFailed(
+            f"invalid DSN: {exc}; check --dsn or PYQUEUE_DSN"
+        ) from exc
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
         raise ConnectionFailed(
@@ -68,7 +72,7 @@ class Backoff:
         """The delay before the next try; grows until reset()."""
         delay = min(self.cap, self.first * 2**self.attempt)
         self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
+        return float(delay * random.uniform(0.5, 1.0))
 
     def reset(self) -> None:
         """Start again from the first delay, after a success."""

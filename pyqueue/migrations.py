@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -93,14 +94,14 @@ def stamp(directory: Path) -> list[Path]:
     return changed
 
 
-async def applied(conn: psycopg.AsyncConnection[object], schema: str) -> list[Applied]:
+async def applied(conn: psycopg.AsyncConnection[Any], schema: str) -> list[Applied]:
     """The ledger of `schema`, oldest first; empty when pyqueue is not installed."""
     ledger = f"{_quote(schema)}.pyqueue_migrations"
     row = await (await conn.execute(_sql.LEDGER_EXISTS, (ledger,))).fetchone()
     if not row or not row[0]:
         return []
     cursor = await conn.execute(_sql.compose(_sql.LEDGER_ROWS, schema))
-    return [Applied(*r) for r in await cursor.fetchall()]  # type: ignore[misc]
+    return [Applied(*r) for r in await cursor.fetchall()]
 
 
 def pending(done: list[Applied], *, schema: str) -> list[Migration]:
@@ -137,7 +138,7 @@ def script(migrations: list[Migration], *, schema: str) -> str:
 
 
 async def migrate(
-    conn: psycopg.AsyncConnection[object], *, schema: str
+    conn: psycopg.AsyncConnection[Any], *, schema: str
 ) -> list[Migration]:
     """Apply every pending migration to `schema`; return those applied.
 
@@ -175,7 +176,7 @@ async def migrate(
             await conn.execute(_sql.MIGRATION_UNLOCK, (schema,))
 
 
-async def check(conn: psycopg.AsyncConnection[object], *, schema: str) -> None:
+async def check(conn: psycopg.AsyncConnection[Any], *, schema: str) -> None:
     """Raise SchemaNotReady unless `schema` has exactly the shipped migrations."""
     done = await applied(conn, schema)
     if not done:

@@ -14,7 +14,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import psycopg
@@ -63,7 +62,9 @@ class Queue:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
         if claim_timeout <= 0 or poll_interval <= 0 or reap_interval <= 0:
-            raise ValueError("claim_timeout, poll_interval and reap_interval must be > 0")
+            raise ValueError(
+                "claim_timeout, poll_interval and reap_interval must be > 0"
+            )
         self.dsn = dsn
         self.schema = schema
         self.concurrency = concurrency
@@ -123,14 +124,7 @@ class Queue:
         embedded = not dsn
         if not dsn:
             dsn = await asyncio.to_thread(_embedded.dsn)
-        self._statements = {
-            name: _sql.compose(getattr(_sql, name), self.schema)
-            for name in (
-                "PUBLISH_JOB", "PUBLISH_JOBS", "CLAIM_NEXT_JOB", "COMPLETE_JOB",
-                "RENEW_CLAIMS", "RELEASE_CLAIMS", "REGISTER_WORKER", "REAP_CLAIMS",
-                "JOB_OUTCOMES",
-            )
-        }
+        self._statements = {}  # composed on first use, for this schema
 
         conn = await _connection.connect(dsn)
         try:
@@ -149,7 +143,9 @@ class Queue:
             name="pyqueue",
         )
         await self._pool.open()
-        self._outcomes = Outcomes(self._fetch_outcomes, poll_interval=self.poll_interval)
+        self._outcomes = Outcomes(
+            self._fetch_outcomes, poll_interval=self.poll_interval
+        )
         self._outcomes.start()
         if self._handlers:
             self._worker = Worker(
@@ -177,7 +173,8 @@ class Queue:
         if self._worker is not None:
             self._worker.start()
             logger.info(
-                "worker started for %s", ", ".join(self.categories),
+                "worker started for %s",
+                ", ".join(self.categories),
                 extra={"worker_id": self.worker_name, "schema": self.schema},
             )
         self._open = True
@@ -287,8 +284,6 @@ class Queue:
             raise
 
     def _statement(self, name: str) -> psycopg.sql.Composed:
-        if not self._statements:
-            self._statements = {name: _sql.compose(getattr(_sql, name), self.schema)}
         statement = self._statements.get(name)
         if statement is None:
             statement = _sql.compose(getattr(_sql, name), self.schema)
@@ -302,8 +297,9 @@ class Queue:
                 "the queue is not open; use `async with queue` or `await queue.open()`"
             )
         async with self._pool.connection() as conn:
-            cursor = await conn.execute(self._statements[name], params)
-            return await cursor.fetchall()
+            cursor = await conn.execute(self._statement(name), params)
+            rows: list[tuple[Any, ...]] = await cursor.fetchall()
+            return rows
 
     async def _fetch_outcomes(self, job_ids: list[int]) -> list[tuple[int, str, Any]]:
         rows = await self._call("JOB_OUTCOMES", job_ids)
@@ -313,10 +309,12 @@ class Queue:
         for name in ("jobs", "jobs_finished"):
             channel = _sql.channel(name, self.schema)
             await conn.execute(
-                psycopg.sql.SQL(_sql.LISTEN).format(channel=psycopg.sql.Identifier(channel))
+                psycopg.sql.SQL(_sql.LISTEN).format(
+                    channel=psycopg.sql.Identifier(channel)
+                )
             )
         if self._worker is not None:
-            await conn.execute(self._statements["REGISTER_WORKER"], (self.worker_name,))
+            await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == _sql.channel("jobs", self.schema):

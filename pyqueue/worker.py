@@ -96,12 +96,16 @@ class Worker:
         running = list(self._running.values())
         if running:
             logger.info(
-                "waiting up to %.1fs for %d running jobs", grace, len(running),
+                "waiting up to %.1fs for %d running jobs",
+                grace,
+                len(running),
                 extra={"worker_id": self.worker_id},
             )
             await asyncio.wait(running, timeout=grace)
 
-        unfinished = [job_id for job_id, task in self._running.items() if not task.done()]
+        unfinished = [
+            job_id for job_id, task in self._running.items() if not task.done()
+        ]
         for task in self._running.values():
             task.cancel()
         if unfinished:
@@ -139,7 +143,10 @@ class Worker:
                 self._wake.clear()
                 try:
                     rows = await self._call(
-                        "CLAIM_NEXT_JOB", self.worker_id, categories, self._claim_timeout
+                        "CLAIM_NEXT_JOB",
+                        self.worker_id,
+                        categories,
+                        self._claim_timeout,
                     )
                 except Exception as exc:
                     self._log_db_error("claim failed", exc)
@@ -159,12 +166,15 @@ class Worker:
                 break
             job_id, category, args, queue, attempts = job
             logger.debug(
-                "claimed job %d", job_id,
+                "claimed job %d",
+                job_id,
                 extra={"job_id": job_id, "queue": queue, "worker_id": self.worker_id},
             )
             if attempts > 1:
                 logger.info(
-                    "running job %d again (attempt %d)", job_id, attempts,
+                    "running job %d again (attempt %d)",
+                    job_id,
+                    attempts,
                     extra={"job_id": job_id, "queue": queue},
                 )
             task = asyncio.get_running_loop().create_task(
@@ -188,7 +198,10 @@ class Worker:
             status, result = await self._outcome(job_id, category, args)
             elapsed = time.monotonic() - started
             logger.debug(
-                "job %d %s in %.3fs", job_id, status, elapsed,
+                "job %d %s in %.3fs",
+                job_id,
+                status,
+                elapsed,
                 extra={"job_id": job_id, "queue": queue, "status": status},
             )
             await self._complete(job_id, queue, status, result)
@@ -221,7 +234,9 @@ class Worker:
             )
             return "rejected", json.dumps(serialize_error(error))
 
-    async def _complete(self, job_id: int, queue: str, status: str, result: str) -> None:
+    async def _complete(
+        self, job_id: int, queue: str, status: str, result: str
+    ) -> None:
         """Record the outcome, retrying through lost connections until the
         database answers; a refused completion means the claim was lost."""
         backoff = Backoff()
@@ -236,13 +251,16 @@ class Worker:
                 await asyncio.sleep(backoff.next_delay())
         if not rows[0][0]:
             logger.warning(
-                "claim on job %d lost; its result is discarded", job_id,
+                "claim on job %d lost; its result is discarded",
+                job_id,
                 extra={"job_id": job_id, "queue": queue, "worker_id": self.worker_id},
             )
 
     # -- keeping claims -------------------------------------------------------
 
-    async def _every(self, interval: float, step: Callable[[], Awaitable[None]]) -> None:
+    async def _every(
+        self, interval: float, step: Callable[[], Awaitable[None]]
+    ) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -256,13 +274,16 @@ class Worker:
         held = [job_id for job_id in self._running if job_id not in self._lost]
         if not held:
             return
-        rows = await self._call("RENEW_CLAIMS", self.worker_id, held, self._claim_timeout)
+        rows = await self._call(
+            "RENEW_CLAIMS", self.worker_id, held, self._claim_timeout
+        )
         kept = {row[0] for row in rows}
         for job_id in held:
             if job_id not in kept and job_id in self._running:
                 self._lost.add(job_id)
                 logger.warning(
-                    "claim on job %d lost while running", job_id,
+                    "claim on job %d lost while running",
+                    job_id,
                     extra={"job_id": job_id, "worker_id": self.worker_id},
                 )
 
@@ -275,7 +296,8 @@ class Worker:
         try:
             await self._call("RELEASE_CLAIMS", self.worker_id, job_ids)
             logger.info(
-                "gave back %d unfinished jobs", len(job_ids),
+                "gave back %d unfinished jobs",
+                len(job_ids),
                 extra={"worker_id": self.worker_id},
             )
         except Exception as exc:

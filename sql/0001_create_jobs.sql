@@ -75,6 +75,10 @@ CREATE INDEX queue_heads_by_head_id ON queue_heads (head_id);
 
 -- pyqueue:ledger
 INSERT INTO pyqueue_migrations (version, name, checksum)
-VALUES (1, 'create_jobs', 'sha256:5c9e10adeba84aee61fdb4a65a3ebd8e8fdd53ec1cc1d2dec3ffc7414b8fe248');
+VALUES (
+    1,
+    'create_jobs',
+    'sha256:5c9e10adeba84aee61fdb4a65a3ebd8e8fdd53ec1cc1d2dec3ffc7414b8fe248'
+);
 
 COMMIT;

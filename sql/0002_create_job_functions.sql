@@ -482,6 +482,10 @@ $$;
 
 -- pyqueue:ledger
 INSERT INTO pyqueue_migrations (version, name, checksum)
-VALUES (2, 'create_job_functions', 'sha256:63e22ce0d71f8168cd8ba28c1a4fadcb5b6b4f15b38c62b9bb289cbfe42dba5e');
+VALUES (
+    2,
+    'create_job_functions',
+    'sha256:63e22ce0d71f8168cd8ba28c1a4fadcb5b6b4f15b38c62b9bb289cbfe42dba5e'
+);
 
 COMMIT;

@@ -52,8 +52,8 @@ CREATE TRIGGER jobs_10_before_update
 BEFORE UPDATE OF status, queue ON jobs
 FOR EACH ROW
 WHEN (
-    OLD.status IS DISTINCT FROM NEW.status
-    OR OLD.queue IS DISTINCT FROM NEW.queue
+    old.status IS DISTINCT FROM new.status
+    OR old.queue IS DISTINCT FROM new.queue
 )
 EXECUTE FUNCTION tg_jobs_before_update();
 
@@ -133,9 +133,9 @@ CREATE TRIGGER jobs_30_after_update
 AFTER UPDATE OF status, queue, worker ON jobs
 FOR EACH ROW
 WHEN (
-    OLD.status IS DISTINCT FROM NEW.status
-    OR OLD.queue IS DISTINCT FROM NEW.queue
-    OR (OLD.worker IS NOT NULL AND NEW.worker IS NULL)
+    old.status IS DISTINCT FROM new.status
+    OR old.queue IS DISTINCT FROM new.queue
+    OR (old.worker IS NOT NULL AND new.worker IS NULL)
 )
 EXECUTE FUNCTION tg_jobs_after_update();
 
@@ -173,6 +173,10 @@ EXECUTE FUNCTION tg_jobs_after_delete();
 
 -- pyqueue:ledger
 INSERT INTO pyqueue_migrations (version, name, checksum)
-VALUES (3, 'create_job_triggers', 'sha256:fce866b69185e494ec7f3d1e6a1e6a863dae06450ef780c46e02b2e7fae2a340');
+VALUES (
+    3,
+    'create_job_triggers',
+    'sha256:070969ed062a79d3880b56b679ec9f0776608975c8ec5843640eb8a85966a701'
+);
 
 COMMIT;

@@ -19,9 +19,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pgserver  # noqa: E402
+import pgserver
 
-from pyqueue import Queue, migrations  # noqa: E402
+from pyqueue import Queue, migrations
 
 TEMPLATE = "pyqueue_template"
 _server: pgserver.LocalServer | pgserver.ExternalServer | None = None
@@ -55,9 +55,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return []
     kind = type(_server).__name__
     where = getattr(_server, "bin_dir", "external")
-    return [
-        f"postgresql: {pgserver.server_version(_server.dsn())} ({kind}, {where})"
-    ]
+    return [f"postgresql: {pgserver.server_version(_server.dsn())} ({kind}, {where})"]
 
 
 @pytest.fixture(scope="session")

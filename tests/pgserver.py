@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
@@ -73,8 +72,14 @@ class LocalServer:
             os.chown(self.base, uid, -1)
         if not self.data.exists():
             self._run(
-                "initdb", "-D", str(self.data), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--no-sync",
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             )
         self._pg_ctl("start")
         return self
@@ -85,8 +90,19 @@ class LocalServer:
             + [f"-c {key}={value}" for key, value in self.settings.items()]
         )
         result = self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-            "-o", options, *extra, action, check=False,
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            *extra,
+            action,
+            check=False,
         )
         if result.returncode != 0:
             raise RuntimeError(
@@ -103,7 +119,9 @@ class LocalServer:
 
     def destroy(self) -> None:
         """Stop the server and delete its files."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", check=False)
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-m", "immediate", "stop", check=False
+        )
         shutil.rmtree(self.base, ignore_errors=True)
 
     def dsn(self, dbname: str = "postgres") -> str:
@@ -139,7 +157,9 @@ class ExternalServer:
         raise RuntimeError("cannot restart a server this run did not start")
 
 
-def start_server(*, settings: dict[str, str] | None = None) -> LocalServer | ExternalServer:
+def start_server(
+    *, settings: dict[str, str] | None = None
+) -> LocalServer | ExternalServer:
     """The server for this run, chosen as the module docstring says."""
     dsn = os.environ.get("PYQUEUE_TEST_DSN")
     if dsn:
@@ -164,8 +184,11 @@ def server_version(dsn: str) -> str:
 def create_database(admin_dsn: str, name: str, *, template: str | None = None) -> None:
     """CREATE DATABASE `name` (a copy of `template` when given)."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)
+            )
+        )
         if template is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         else:
@@ -178,8 +201,11 @@ def create_database(admin_dsn: str, name: str, *, template: str | None = None) -
 
 def drop_database(admin_dsn: str, name: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)
+            )
+        )
 
 
 def _docker_answers() -> bool:
@@ -206,7 +232,8 @@ def _ensure_user(name: str) -> str:
     except KeyError:
         subprocess.run(
             ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
     return name
 

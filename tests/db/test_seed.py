@@ -9,7 +9,14 @@ import psycopg
 from pyqueue import Queue
 
 CONTRACT_COLUMNS = [
-    "id", "category", "args", "status", "created_at", "finished_at", "queue", "result",
+    "id",
+    "category",
+    "args",
+    "status",
+    "created_at",
+    "finished_at",
+    "queue",
+    "result",
 ]
 
 
@@ -47,7 +54,9 @@ async def test_publish_without_queue_name_lands_in_default(
     async with queue:
         job = await queue.publish("anything", {"x": 1})
 
-    row = db.execute("SELECT queue, status FROM jobs WHERE id = %s", (job.id,)).fetchone()
+    row = db.execute(
+        "SELECT queue, status FROM jobs WHERE id = %s", (job.id,)
+    ).fetchone()
     assert row == ("default", "unfulfilled")
 
 

@@ -76,30 +76,43 @@ class Queue:
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self._handlers: dict[str, Handler] = {}
+        self._timeouts: dict[str, float] = {}
         self._statements: dict[str, psycopg.sql.Composed] = {}
         self._pool: AsyncConnectionPool[Any] | None = None
         self._listener: Listener | None = None
         self._outcomes: Outcomes | None = None
         self._worker: Worker | None = None
         self._open = False
+        self._closing: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # -- handlers -------------------------------------------------------------
 
-    def register(self, category: str, handler: Handler) -> None:
+    def register(
+        self, category: str, handler: Handler, *, timeout: float | None = None
+    ) -> None:
         """Run `handler` (async or plain def, one argument: the job's args) for
-        jobs of `category`. Register before ``open()``."""
+        jobs of `category`. With `timeout`, a run longer than that many seconds
+        rejects the job with a TimeoutError. Register before ``open()``."""
         if not category:
             raise ValueError("category must not be empty")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
         if self._open:
             raise RuntimeError("register handlers before the queue is opened")
         self._handlers[category] = handler
+        if timeout is None:
+            self._timeouts.pop(category, None)
+        else:
+            self._timeouts[category] = timeout
 
-    def handler(self, category: str) -> Callable[[F], F]:
+    def handler(
+        self, category: str, *, timeout: float | None = None
+    ) -> Callable[[F], F]:
         """Decorator form of ``register``."""
 
         def decorate(fn: F) -> F:
-            self.register(category, fn)
+            self.register(category, fn, timeout=timeout)
             return fn
 
         return decorate
@@ -151,6 +164,7 @@ class Queue:
             self._worker = Worker(
                 call=self._call,
                 handlers=dict(self._handlers),
+                timeouts=dict(self._timeouts),
                 worker_id=self.worker_name,
                 concurrency=self.concurrency,
                 claim_timeout=self.claim_timeout,
@@ -183,8 +197,22 @@ class Queue:
         """Stop claiming, let running jobs finish within `grace` seconds
         (default ``shutdown_grace``), give back the claims of the rest, and
         disconnect. Futures of unfinished jobs are cancelled."""
+        if self._closing is not None:
+            # A second close (a second SIGINT): hurry the first one along.
+            if self._worker is not None and grace is not None:
+                self._worker.hurry(grace)
+            await asyncio.shield(self._closing)
+            return
         if not self._open:
             return
+        self._closing = asyncio.get_running_loop().create_future()
+        try:
+            await self._shut_down(grace)
+        finally:
+            self._closing.set_result(None)
+            self._closing = None
+
+    async def _shut_down(self, grace: float | None) -> None:
         self._open = False
         if self._worker is not None:
             await self._worker.stop(self.shutdown_grace if grace is None else grace)

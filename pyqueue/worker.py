@@ -10,7 +10,6 @@ own (``release_claims``).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
@@ -45,6 +44,7 @@ class Worker:
         *,
         call: Call,
         handlers: dict[str, Handler],
+        timeouts: dict[str, float] | None = None,
         worker_id: str,
         concurrency: int,
         claim_timeout: float,
@@ -53,6 +53,7 @@ class Worker:
     ) -> None:
         self._call = call
         self._handlers = handlers
+        self._timeouts = timeouts or {}
         self.worker_id = worker_id
         self._concurrency = concurrency
         self._claim_timeout = timedelta(seconds=claim_timeout)
@@ -68,6 +69,7 @@ class Worker:
         self._lost: set[int] = set()
         self._next_expiry: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._hurry = asyncio.Event()
         self._threads = ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="pyqueue-handler"
         )
@@ -101,7 +103,14 @@ class Worker:
                 len(running),
                 extra={"worker_id": self.worker_id},
             )
-            await asyncio.wait(running, timeout=grace)
+            everything = asyncio.gather(*running, return_exceptions=True)
+            hurried = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                [everything, hurried],
+                timeout=grace,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            hurried.cancel()
 
         unfinished = [
             job_id for job_id, task in self._running.items() if not task.done()
@@ -116,6 +125,13 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    def hurry(self, grace: float) -> None:
+        """Cut the grace period of a stop in progress short (a second signal)."""
+        if grace <= 0:
+            self._hurry.set()
+        else:
+            asyncio.get_running_loop().call_later(grace, self._hurry.set)
 
     def wake(self) -> None:
         """Look for work now (a notification came, or a slot freed up)."""
@@ -214,14 +230,15 @@ class Worker:
     async def _outcome(self, job_id: int, category: str, args: Any) -> tuple[str, str]:
         """Run the handler; return ('resolved' | 'rejected', result as JSON)."""
         handler = self._handlers[category]
+        timeout = self._timeouts.get(category)
         try:
-            if inspect.iscoroutinefunction(handler):
-                value = await handler(args)
-            else:
-                loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._threads, handler, args)
-                if inspect.isawaitable(value):
-                    value = await value
+            async with asyncio.timeout(timeout):
+                value = await self._call_handler(handler, args)
+        except TimeoutError:
+            error = TimeoutError(
+                f"job {job_id} ran longer than its {category!r} timeout of {timeout}s"
+            )
+            return "rejected", json.dumps(serialize_error(error))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a handler's failure is the job's outcome
@@ -233,6 +250,17 @@ class Worker:
                 f"the result of job {job_id} is not JSON-serializable: {exc}"
             )
             return "rejected", json.dumps(serialize_error(error))
+
+    async def _call_handler(self, handler: Handler, args: Any) -> Any:
+        # Plain functions run in threads so that blocking code cannot stall
+        # claim renewal; a thread past its timeout runs on, its result unused.
+        if inspect.iscoroutinefunction(handler):
+            return await handler(args)
+        loop = asyncio.get_running_loop()
+        value = await loop.run_in_executor(self._threads, handler, args)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
 
     async def _complete(
         self, job_id: int, queue: str, status: str, result: str

@@ -10,6 +10,7 @@ own (``release_claims``).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time

@@ -104,8 +104,10 @@ class Worker:
                 len(running),
                 extra={"worker_id": self.worker_id},
             )
-            everything = asyncio.gather(*running, return_exceptions=True)
-            hurried = asyncio.ensure_future(self._hurry.wait())
+            everything: asyncio.Future[Any] = asyncio.gather(
+                *running, return_exceptions=True
+            )
+            hurried: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
             await asyncio.wait(
                 [everything, hurried],
                 timeout=grace,
@@ -236,10 +238,10 @@ class Worker:
             async with asyncio.timeout(timeout):
                 value = await self._call_handler(handler, args)
         except TimeoutError:
-            error = TimeoutError(
+            late = TimeoutError(
                 f"job {job_id} ran longer than its {category!r} timeout of {timeout}s"
             )
-            return "rejected", json.dumps(serialize_error(error))
+            return "rejected", json.dumps(serialize_error(late))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a handler's failure is the job's outcome

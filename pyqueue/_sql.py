@@ -45,3 +45,13 @@ def compose(template: str, schema: str) -> sql.Composed:
 def channel(name: str, schema: str) -> str:
     """The NOTIFY channel `name` of the installation in `schema` (see 0003)."""
     return name if schema == "public" else f"{schema}.{name}"
+
+
+# Operations (the pyqueue command): the monitoring view of 0004, and the jobs
+# table as the demo shows it.
+QUEUE_STATS = (
+    "SELECT queue, waiting, running, worker, running_since, resolved, rejected,"
+    " extract(epoch FROM oldest_waiting_age)::float8"
+    " FROM {schema}.queue_stats ORDER BY queue"
+)
+JOBS_TABLE = "SELECT * FROM {schema}.jobs ORDER BY id"

@@ -176,6 +176,48 @@ async def migrate(
             await conn.execute(_sql.MIGRATION_UNLOCK, (schema,))
 
 
+@dataclass(frozen=True)
+class State:
+    """One version as ``pyqueue migrate --status`` lists it.
+
+    ``state`` is ``applied``, ``pending``, ``differs`` (applied, but the
+    shipped file has another checksum) or ``unknown`` (applied, not shipped).
+    """
+
+    version: int
+    name: str
+    state: str
+    applied_at: datetime | None
+
+
+async def status(conn: psycopg.AsyncConnection[Any], *, schema: str) -> list[State]:
+    """Every shipped or applied version of `schema` and its state, by version.
+
+    Unlike ``pending``, never raises for a differing ledger: it reports it.
+    """
+    done = {row.version: row for row in await applied(conn, schema)}
+    states = []
+    for migration in shipped():
+        row = done.pop(migration.version, None)
+        if row is None:
+            state = "pending"
+        elif row.checksum != migration.checksum:
+            state = "differs"
+        else:
+            state = "applied"
+        states.append(
+            State(
+                migration.version,
+                migration.name,
+                state,
+                row.applied_at if row else None,
+            )
+        )
+    for row in done.values():
+        states.append(State(row.version, row.name, "unknown", row.applied_at))
+    return sorted(states, key=lambda s: s.version)
+
+
 async def check(conn: psycopg.AsyncConnection[Any], *, schema: str) -> None:
     """Raise SchemaNotReady unless `schema` has exactly the shipped migrations."""
     done = await applied(conn, schema)

@@ -13,8 +13,8 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar, overload
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -23,12 +23,14 @@ from . import _connection, _embedded, _sql, migrations
 from ._listener import Listener
 from ._outcomes import Outcomes
 from .errors import ConnectionFailed, InvalidJob, QueueNotOpen
+from .interface import category_of
 from .job import Job
 from .worker import Handler, Worker
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 ENV_DSN = "PYQUEUE_DSN"
 
@@ -234,6 +236,29 @@ class Queue:
 
     # -- publishing -----------------------------------------------------------
 
+    # Publishing with a registered handler instead of its category name types
+    # the result: Job[int] for `async def f(a) -> int` or `def f(a) -> int`.
+    @overload
+    async def publish(
+        self,
+        category: Callable[[Any], Awaitable[R]],
+        args: Any = None,
+        *,
+        queue_name: str | None = "default",
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Job[R]: ...
+
+    @overload
+    async def publish(
+        self,
+        category: Callable[[Any], R],
+        args: Any = None,
+        *,
+        queue_name: str | None = "default",
+        connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Job[R]: ...
+
+    @overload
     async def publish(
         self,
         category: str,
@@ -241,14 +266,27 @@ class Queue:
         *,
         queue_name: str | None = "default",
         connection: psycopg.AsyncConnection[Any] | None = None,
+    ) -> Job[Any]: ...
+
+    async def publish(
+        self,
+        category: str | Handler,
+        args: Any = None,
+        *,
+        queue_name: str | None = "default",
+        connection: psycopg.AsyncConnection[Any] | None = None,
     ) -> Job[Any]:
         """Publish a job and return it; ``await job.done`` gives its result.
 
+        `category` is a category name, or a handler registered on this Queue
+        (then the Job is typed with the handler's return type).
         With `connection`, the job is published in that connection's current
         transaction: it exists, and runs, only once the caller commits.
-        Raises InvalidJob, before anything is written, for an empty category
-        or args that are not JSON-serializable.
+        Raises InvalidJob, before anything is written, for an empty category,
+        an unregistered handler or args that are not JSON-serializable.
         """
+        if not isinstance(category, str):
+            category = category_of(self._handlers, category)
         payload = _to_json(args, what="args")
         if not category:
             raise InvalidJob(f"job category must not be empty, got {category!r}")

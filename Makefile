@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo test test-unit lint format stamp bench bench-quick soak clean
+.PHONY: install demo test test-unit lint format stamp bench bench-quick soak clean snapshot
 
 install: $(STAMP)
 
@@ -41,3 +41,8 @@ test-unit: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Rewrites tests/db/catalog_snapshot.txt from an empty database migrated with
+# sql/ (after changing a migration); review its diff with the sql/ diff.
+snapshot: install
+	$(BIN)/python tests/db/catalog_dump.py

@@ -8,6 +8,14 @@
 -- elsewhere than public: other.cancel_job(42).
 BEGIN;
 
+-- Pin the install schema (the first of the caller's path) with pg_temp last, as
+-- pyqueue migrate does, so that a bare psql -f pins the functions alike.
+SELECT pg_catalog.set_config(
+    'search_path',
+    pg_catalog.quote_ident(pg_catalog.current_schema()) || ', pg_temp',
+    TRUE
+);
+
 -- Finished rows by age, so that prune_jobs deletes the oldest batch without
 -- reading the whole history. Partial: waiting and running jobs are not in it.
 CREATE INDEX jobs_finished_by_age ON jobs (finished_at)
@@ -292,7 +300,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     4,
     'create_operations',
-    'sha256:c8399f0d01ae479206654ee6dc5052c052a51fbd57088971bc26fe9aa3ec20f3'
+    'sha256:74d8ccdf21827d9f6b15923f11617a473e906beaa9500867882ceaef03604241'
 );
 
 COMMIT;

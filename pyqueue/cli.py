@@ -78,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(exc: BaseException, verbose: int, status: int, **kw: bool) -> int:
     if verbose > 0:
         traceback.print_exception(exc, file=sys.stderr)
-    message = str(exc) or type(exc).__name__
+    # One line, whatever the driver's message looks like.
+    message = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    message = message or type(exc).__name__
     if kw.get("unexpected"):
         message = f"{type(exc).__name__}: {message}"
         if verbose <= 0:
@@ -272,12 +274,13 @@ def _schema(args: argparse.Namespace) -> str:
     return schema
 
 
-def _checked_dsn(dsn: str) -> str:
+def _checked_dsn(dsn: str, *, source: str = "--dsn") -> str:
     try:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unparsable"
         raise UsageError(
-            f"invalid --dsn: {exc}; pass a libpq URI or key=value string"
+            f"invalid {source}: {reason}; pass a libpq URI or key=value string"
         ) from None
     return dsn
 
@@ -288,7 +291,7 @@ async def _resolve_dsn(args: argparse.Namespace) -> tuple[str, bool]:
         return _checked_dsn(args.dsn), False
     configured = os.environ.get(ENV_DSN)
     if configured:
-        return configured, False
+        return _checked_dsn(configured, source=ENV_DSN), False
     return await asyncio.to_thread(_embedded.dsn), True
 
 

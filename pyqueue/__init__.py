@@ -10,6 +10,7 @@ from .errors import (
     QueueNotOpen,
     SchemaNotReady,
 )
+from .interface import JobLike, QueueLike
 from .job import Job
 from .queue import Queue
 
@@ -18,10 +19,12 @@ __all__ = [
     "InvalidJob",
     "Job",
     "JobDeleted",
+    "JobLike",
     "JobRejected",
     "MigrationError",
     "PyqueueError",
     "Queue",
+    "QueueLike",
     "QueueNotOpen",
     "SchemaNotReady",
 ]

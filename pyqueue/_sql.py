@@ -55,3 +55,6 @@ QUEUE_STATS = (
     " FROM {schema}.queue_stats ORDER BY queue"
 )
 JOBS_TABLE = "SELECT * FROM {schema}.jobs ORDER BY id"
+
+# Synchronous waiting (pyqueue.sync): stop listening on a caller's connection.
+UNLISTEN = "UNLISTEN {channel}"

@@ -1,0 +1,1 @@
+"""Runnable examples of pyqueue; run them from the repository root."""

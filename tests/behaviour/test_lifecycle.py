@@ -92,3 +92,27 @@ async def test_closing_twice_and_unopened_is_harmless(make_any_queue: Any) -> No
 
     assert opened is queue
     assert result == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wait_for cancels the job's shared future; /tmp/pyqueue-notes/"
+    "bugs-ecosystem.md #1 (remove this mark with the fix)",
+)
+async def test_done_still_resolves_after_a_timed_out_wait(make_any_queue: Any) -> None:
+    queue = make_any_queue()
+    gate = asyncio.Event()
+
+    @queue.handler("gated")
+    async def gated(args: int) -> int:
+        await gate.wait()
+        return args
+
+    async with queue:
+        job = await queue.publish("gated", 5)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(job.done, 0.1)
+        gate.set()
+        result = await asyncio.wait_for(queue.job(job.id).done, WAIT)
+
+    assert result == 5

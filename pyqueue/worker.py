@@ -10,13 +10,15 @@ own (``release_claims``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import json
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +27,9 @@ from ._connection import Backoff, is_transient
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Any]
+
+# Seconds shutdown waits, past the grace period, for outcomes being recorded.
+COMPLETE_GRACE = 5.0
 Call = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -66,14 +71,16 @@ class Worker:
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = False
+        # _running: a task per claimed job (handler, then completion);
+        # _handling: the handler part alone, which shutdown may cancel.
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._handling: dict[int, asyncio.Task[tuple[str, str]]] = {}
         self._lost: set[int] = set()
         self._next_expiry: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._hurry = asyncio.Event()
-        self._threads = ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="pyqueue-handler"
-        )
+        # A claim call failed: its claim may have committed with the reply lost.
+        self._maybe_orphaned = False
 
     # -- life cycle -----------------------------------------------------------
 
@@ -96,38 +103,44 @@ class Worker:
             claim_loop.cancel()
             await asyncio.gather(claim_loop, return_exceptions=True)
 
-        running = list(self._running.values())
-        if running:
+        if self._running:
             logger.info(
                 "waiting up to %.1fs for %d running jobs",
                 grace,
-                len(running),
+                len(self._running),
                 extra={"worker_id": self.worker_id},
             )
-            everything: asyncio.Future[Any] = asyncio.gather(
-                *running, return_exceptions=True
-            )
-            hurried: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
-            await asyncio.wait(
-                [everything, hurried],
-                timeout=grace,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            hurried.cancel()
+            await self._wait_unless_hurried(list(self._running.values()), grace)
 
-        unfinished = [
-            job_id for job_id, task in self._running.items() if not task.done()
-        ]
+        # Handlers past the grace period stop without an outcome; outcomes
+        # already being recorded get a moment more, so that a finished job
+        # is not run again for want of a round trip.
+        for handling in self._handling.values():
+            handling.cancel()
+        await self._wait_unless_hurried(list(self._running.values()), COMPLETE_GRACE)
         for task in self._running.values():
             task.cancel()
-        if unfinished:
-            await self._release(unfinished)
         await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+        # Every claim this worker still holds, including one whose claim call
+        # was cut short above, goes back now rather than at a reap or expiry.
+        await self._release()
 
         for task in self._tasks[1:]:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _wait_unless_hurried(
+        self, tasks: list[asyncio.Task[None]], timeout: float
+    ) -> None:
+        if not tasks or self._hurry.is_set():
+            return
+        everything: asyncio.Future[Any] = asyncio.gather(*tasks, return_exceptions=True)
+        hurried: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait(
+            [everything, hurried], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        hurried.cancel()
 
     def hurry(self, grace: float) -> None:
         """Cut the grace period of a stop in progress short (a second signal)."""
@@ -160,6 +173,9 @@ class Worker:
             while job is None and not self._stopping:
                 await self._registered.wait()
                 self._wake.clear()
+                if self._maybe_orphaned and not self._running:
+                    await self._release()
+                    self._maybe_orphaned = False
                 try:
                     rows = await self._call(
                         "CLAIM_NEXT_JOB",
@@ -168,6 +184,10 @@ class Worker:
                         self._claim_timeout,
                     )
                 except Exception as exc:
+                    # TODO: with jobs running, a claim whose reply was lost
+                    # stays held (blocking its queue) until they all finish
+                    # or the claim expires; release_claims cannot spare them.
+                    self._maybe_orphaned = True
                     self._log_db_error("claim failed", exc)
                     await asyncio.sleep(backoff.next_delay())
                     continue
@@ -205,16 +225,31 @@ class Worker:
         """How long to sleep without news: the poll interval, or less when an
         unrenewed claim expires sooner."""
         delay = self._poll_interval
-        if self._next_expiry is not None:
-            delay = min(delay, max(0.0, self._next_expiry - time.time()) + 0.05)
+        # An expiry already past was looked at (it may be a claim of a category
+        # this worker cannot run): waiting on it again would spin.
+        if self._next_expiry is not None and self._next_expiry > time.time():
+            delay = min(delay, self._next_expiry - time.time() + 0.05)
         return delay
 
     # -- running --------------------------------------------------------------
 
     async def _run_job(self, job_id: int, category: str, args: Any, queue: str) -> None:
         started = time.monotonic()
+        handling = asyncio.get_running_loop().create_task(
+            self._outcome(job_id, category, args)
+        )
+        self._handling[job_id] = handling
         try:
-            status, result = await self._outcome(job_id, category, args)
+            try:
+                status, result = await handling
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                # Shutdown cancelled the handler: no outcome; stop() gives
+                # the claim back.
+                return
+            finally:
+                self._handling.pop(job_id, None)
             elapsed = time.monotonic() - started
             logger.debug(
                 "job %d %s in %.3fs",
@@ -235,15 +270,21 @@ class Worker:
         handler = self._handlers[category]
         timeout = self._timeouts.get(category)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as scope:
                 value = await self._call_handler(handler, args)
-        except TimeoutError:
-            late = TimeoutError(
-                f"job {job_id} ran longer than its {category!r} timeout of {timeout}s"
-            )
-            return "rejected", json.dumps(serialize_error(late))
-        except asyncio.CancelledError:
-            raise
+        except TimeoutError as exc:
+            error: BaseException = exc
+            if scope.expired():
+                error = TimeoutError(
+                    f"job {job_id} ran longer than its {category!r} timeout"
+                    f" of {timeout}s"
+                )
+            return "rejected", json.dumps(serialize_error(error))
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                raise
+            # The handler raised CancelledError itself: that is its outcome.
+            return "rejected", json.dumps(serialize_error(exc))
         except BaseException as exc:  # a handler's failure is the job's outcome
             return "rejected", json.dumps(serialize_error(exc))
         try:
@@ -255,12 +296,9 @@ class Worker:
             return "rejected", json.dumps(serialize_error(error))
 
     async def _call_handler(self, handler: Handler, args: Any) -> Any:
-        # Plain functions run in threads so that blocking code cannot stall
-        # claim renewal; a thread past its timeout runs on, its result unused.
         if inspect.iscoroutinefunction(handler):
             return await handler(args)
-        loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self._threads, handler, args)
+        value = await _in_thread(handler, args)
         if inspect.isawaitable(value):
             value = await value
         return value
@@ -323,19 +361,61 @@ class Worker:
         next_expiry: datetime | None = rows[0][0] if rows else None
         self._next_expiry = next_expiry.timestamp() if next_expiry else None
 
-    async def _release(self, job_ids: list[int]) -> None:
+    async def _release(self) -> None:
+        """Give back every claim this worker holds (none of its handlers runs)."""
         try:
-            await self._call("RELEASE_CLAIMS", self.worker_id, job_ids)
-            logger.info(
-                "gave back %d unfinished jobs",
-                len(job_ids),
-                extra={"worker_id": self.worker_id},
-            )
+            rows = await self._call("RELEASE_CLAIMS", self.worker_id, None)
         except Exception as exc:
             self._log_db_error("giving back claims failed; they expire instead", exc)
+            return
+        count = rows[0][0] if rows else 0
+        if count:
+            logger.info(
+                "gave back %d unfinished jobs",
+                count,
+                extra={"worker_id": self.worker_id},
+            )
 
     def _log_db_error(self, what: str, exc: BaseException) -> None:
         if is_transient(exc):
             logger.info("%s: %s", what, exc, extra={"worker_id": self.worker_id})
         else:
             logger.error(what, exc_info=exc, extra={"worker_id": self.worker_id})
+
+
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (not merely seeing a
+    CancelledError that a handler raised)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _in_thread(handler: Handler, args: Any) -> Any:
+    """Run a plain handler in a daemon thread of its own and await its result.
+
+    A daemon thread, unlike an executor's, cannot keep the process alive after
+    shutdown gave its job back; a handler past its timeout runs on, unused.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[tuple[Any, BaseException | None]] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(value: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result((value, error))
+
+    def run() -> None:
+        outcome: tuple[Any, BaseException | None]
+        try:
+            outcome = (context.run(handler, args), None)
+        except BaseException as exc:  # delivered to the job, whatever it is
+            outcome = (None, exc)
+        # The loop may have closed meanwhile (RuntimeError): nobody waits.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="pyqueue-handler", daemon=True).start()
+    value, error = await future
+    if error is not None:
+        raise error
+    return value

@@ -1,0 +1,71 @@
+"""Claims the worker must not strand or spin on: a claim whose reply was
+lost, and an expired claim of a category this worker cannot run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from pyqueue import Queue
+
+
+class ReplyLosingQueue(Queue):
+    """A Queue whose first successful claim loses its reply, as when the
+    connection drops between the claim's commit and its answer."""
+
+    calls: Counter[str]
+
+    async def _call(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
+        rows = await super()._call(name, *params)
+        self.calls[name] += 1
+        if name == "CLAIM_NEXT_JOB" and rows and not self.calls["lost"]:
+            self.calls["lost"] += 1
+            raise psycopg.OperationalError("server closed the connection")
+        return rows
+
+
+async def test_claim_whose_reply_was_lost_is_given_back_not_stranded(
+    dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    # Neither expiry nor reaping can free the claim: only the worker itself.
+    queue = ReplyLosingQueue(dsn, claim_timeout=3600, poll_interval=0.2)
+    queue.calls = Counter()
+    queue.register("increment", lambda n: n + 1)
+
+    async with queue:
+        job = await queue.publish("increment", 1)
+        assert await asyncio.wait_for(job.done, 30) == 2
+
+    assert queue.calls["lost"] == 1
+    row = db.execute("SELECT attempts FROM jobs WHERE id = %s", (job.id,)).fetchone()
+    assert row == (2,)
+
+
+async def test_expired_claim_of_a_foreign_category_does_not_make_workers_spin(
+    dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    # A live worker (this session holds its liveness lock) whose claim on a
+    # job this Queue cannot run has expired: nobody reaps or re-claims it.
+    db.execute("SELECT register_worker('ghost')")
+    db.execute("SELECT publish_job('foreign', NULL, 'x')")
+    db.execute("SELECT claim_next_job('ghost', NULL, interval '0 seconds')")
+    queue = ReplyLosingQueue(dsn, poll_interval=5.0, reap_interval=0.1)
+    queue.calls = Counter()
+    queue.calls["lost"] = 1  # lose nothing
+    queue.register("mine", lambda args: None)
+
+    async with queue:
+        while not queue.calls["REAP_CLAIMS"]:
+            await asyncio.sleep(0.05)
+        # Work (which wakes the worker) after a reap saw the expired claim.
+        await asyncio.wait_for((await queue.publish("mine")).done, 30)
+        before = queue.calls["CLAIM_NEXT_JOB"]
+        await asyncio.sleep(1.5)
+        claims = queue.calls["CLAIM_NEXT_JOB"] - before
+
+    # Without news, a worker looks again after poll_interval, not every few
+    # milliseconds because an expiry it cannot act on lies in the past.
+    assert claims <= 5

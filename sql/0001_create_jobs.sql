@@ -6,6 +6,15 @@
 -- search_path (set it first to install elsewhere than public).
 BEGIN;
 
+-- Pin this file's objects to the session's first schema, pg_temp last, as
+-- `pyqueue migrate` does; a plain psql session would otherwise record
+-- "$user", public in every function (and search pg_temp first).
+SELECT pg_catalog.set_config(
+    'search_path',
+    pg_catalog.quote_ident(pg_catalog.current_schema()) || ', pg_temp',
+    TRUE
+);
+
 -- The ledger: one row per applied migration. Every file records itself as its
 -- last statement, so a file applied twice collides on the primary key instead
 -- of applying twice, whoever runs it.
@@ -62,14 +71,18 @@ WHERE status = 'unfulfilled';
 CREATE UNIQUE INDEX jobs_one_running_per_queue ON jobs (queue)
 WHERE status = 'unfulfilled' AND worker IS NOT NULL;
 
--- One row per queue that may have waiting jobs, ordered by its head: the
+-- A row for each queue that may have waiting jobs, ordered by its head: the
 -- claim path reads this small table instead of scanning jobs. head_id is a
 -- lower bound of the queue's waiting ids (exact after each claim and
--- completion); see "How it works" in the README for who writes it when.
+-- completion). No unique key on purpose: two transactions publishing into an
+-- empty queue would wait on each other's key until commit. A rare duplicate
+-- row is harmless, and the next claimer or completer of the queue folds it.
 CREATE TABLE queue_heads (
-    queue text PRIMARY KEY,
+    queue text NOT NULL,
     head_id bigint NOT NULL
 );
+
+CREATE INDEX queue_heads_by_queue ON queue_heads (queue);
 
 CREATE INDEX queue_heads_by_head_id ON queue_heads (head_id);
 
@@ -78,7 +91,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     1,
     'create_jobs',
-    'sha256:5c9e10adeba84aee61fdb4a65a3ebd8e8fdd53ec1cc1d2dec3ffc7414b8fe248'
+    'sha256:5e1ec6e7cc1e117086bbdc9449e7de8eea8adb5d19b0ce12033a73f33e3568b6'
 );
 
 COMMIT;

@@ -8,6 +8,15 @@
 -- picks, so the oldest waiting job of Q is really the oldest.
 BEGIN;
 
+-- Pin this file's objects to the session's first schema, pg_temp last, as
+-- `pyqueue migrate` does; a plain psql session would otherwise record
+-- "$user", public in every function (and search pg_temp first).
+SELECT pg_catalog.set_config(
+    'search_path',
+    pg_catalog.quote_ident(pg_catalog.current_schema()) || ', pg_temp',
+    TRUE
+);
+
 -- _advisory_key_space: the first half of this installation's advisory lock
 -- keys for one purpose ('queue', 'worker'); differs between schemas so that
 -- two installations in one database never share a lock.
@@ -143,6 +152,39 @@ BEGIN
 END
 $$;
 
+-- _set_queue_head: record `head_id` as the head of `queue`, or forget the
+-- queue when `head_id` is NULL (no waiting job), folding duplicate rows.
+-- The caller holds the queue's exclusive lock: no publisher is in flight.
+CREATE FUNCTION _set_queue_head(queue text, head_id bigint)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_rows integer;
+BEGIN
+    IF _set_queue_head.head_id IS NULL THEN
+        DELETE FROM queue_heads AS h WHERE h.queue = _set_queue_head.queue;
+        RETURN;
+    END IF;
+
+    UPDATE queue_heads AS h SET head_id = _set_queue_head.head_id
+    WHERE h.queue = _set_queue_head.queue
+        AND h.head_id <> _set_queue_head.head_id;
+
+    SELECT count(*) INTO v_rows
+    FROM queue_heads AS h
+    WHERE h.queue = _set_queue_head.queue;
+
+    IF v_rows <> 1 THEN
+        DELETE FROM queue_heads AS h WHERE h.queue = _set_queue_head.queue;
+        INSERT INTO queue_heads (queue, head_id)
+        VALUES (_set_queue_head.queue, _set_queue_head.head_id);
+    END IF;
+END
+$$;
+
 -- _advance_queue_head: after a job of `queue` finished, record the queue's
 -- new head, or forget the queue when it has no waiting job. Only when the
 -- queue's lock is free: otherwise a publisher is in flight and the old head
@@ -167,12 +209,7 @@ BEGIN
     ORDER BY j.id
     LIMIT 1;
 
-    IF v_head IS NULL THEN
-        DELETE FROM queue_heads AS h WHERE h.queue = _advance_queue_head.queue;
-    ELSE
-        UPDATE queue_heads AS h SET head_id = v_head
-        WHERE h.queue = _advance_queue_head.queue AND h.head_id <> v_head;
-    END IF;
+    PERFORM _set_queue_head(_advance_queue_head.queue, v_head);
 END
 $$;
 
@@ -218,13 +255,10 @@ BEGIN
         ORDER BY j.id
         LIMIT 1;
 
-        IF NOT FOUND THEN
-            DELETE FROM queue_heads AS h WHERE h.queue = _claim_in_queue.queue;
+        PERFORM _set_queue_head(_claim_in_queue.queue, v_job.id);
+        IF v_job.id IS NULL THEN
             RETURN NULL;
         END IF;
-
-        UPDATE queue_heads AS h SET head_id = v_job.id
-        WHERE h.queue = _claim_in_queue.queue AND h.head_id <> v_job.id;
     END IF;
 
     IF categories IS NOT NULL AND NOT v_job.category = ANY (categories) THEN
@@ -485,7 +519,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     2,
     'create_job_functions',
-    'sha256:63e22ce0d71f8168cd8ba28c1a4fadcb5b6b4f15b38c62b9bb289cbfe42dba5e'
+    'sha256:5e809f9ac7f10927d21ffa229d308290d9a84f0d30617ef7653844e06044162c'
 );
 
 COMMIT;

@@ -10,6 +10,15 @@
 -- workers once per queue.
 BEGIN;
 
+-- Pin this file's objects to the session's first schema, pg_temp last, as
+-- `pyqueue migrate` does; a plain psql session would otherwise record
+-- "$user", public in every function (and search pg_temp first).
+SELECT pg_catalog.set_config(
+    'search_path',
+    pg_catalog.quote_ident(pg_catalog.current_schema()) || ', pg_temp',
+    TRUE
+);
+
 -- tg_jobs_before_update: a status change, by whatever means, ends the claim
 -- (a worker still running the job will find its claim gone) and sets or
 -- clears finished_at; a job made runnable by hand (set back to unfulfilled,
@@ -38,10 +47,17 @@ BEGIN
         -- Lock: shared queue lock, as a publisher takes it (0002's header).
         PERFORM _lock_queue_shared(NEW.queue);
 
-        INSERT INTO queue_heads AS h (queue, head_id)
-        VALUES (NEW.queue, NEW.id)
-        ON CONFLICT (queue) DO UPDATE
-            SET head_id = least(h.head_id, excluded.head_id);
+        UPDATE queue_heads AS h SET head_id = NEW.id
+        WHERE h.queue = NEW.queue AND h.head_id > NEW.id;
+
+        -- Under REPEATABLE READ our snapshot may still show a row a claimer
+        -- has deleted since: then add one anyway (a duplicate is harmless).
+        IF current_setting('transaction_isolation') <> 'read committed'
+            OR NOT EXISTS (
+                SELECT FROM queue_heads AS h WHERE h.queue = NEW.queue
+            ) THEN
+            INSERT INTO queue_heads (queue, head_id) VALUES (NEW.queue, NEW.id);
+        END IF;
     END IF;
 
     RETURN NEW;
@@ -76,14 +92,21 @@ BEGIN
         ORDER BY i.queue
     ) AS n;
 
-    -- DO NOTHING takes no row lock: publishers of a busy queue never wait
-    -- for each other. New ids are above any head, so a head stays a bound.
+    -- Publishers only read queue_heads unless their queue has no row, so
+    -- they never wait for each other. New ids are above any head, so an
+    -- existing head stays a lower bound. Under REPEATABLE READ our snapshot
+    -- may still show a row a claimer has deleted since: add one anyway.
     INSERT INTO queue_heads (queue, head_id)
     SELECT i.queue, min(i.id)
     FROM inserted_jobs AS i
     WHERE i.status = 'unfulfilled'
-    GROUP BY i.queue
-    ON CONFLICT (queue) DO NOTHING;
+        AND (
+            current_setting('transaction_isolation') <> 'read committed'
+            OR NOT EXISTS (
+                SELECT FROM queue_heads AS h WHERE h.queue = i.queue
+            )
+        )
+    GROUP BY i.queue;
 
     PERFORM pg_notify(_channel('jobs'), json_build_object('queue', n.queue)::text)
     FROM (
@@ -176,7 +199,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     3,
     'create_job_triggers',
-    'sha256:070969ed062a79d3880b56b679ec9f0776608975c8ec5843640eb8a85966a701'
+    'sha256:48ae824289516b3cf4d5e21bb1d79b1f35e3fbb8061524c7910389f46947683e'
 );
 
 COMMIT;

@@ -95,9 +95,6 @@ def test_catalog_matches_the_checked_in_snapshot(empty_dsn: str) -> None:
     )
 
 
-# FIXME: 0001-0003 pin their functions to the session's path ("$user", public)
-# under a bare psql -f; see /tmp/pyqueue-notes/bugs-operations.md, item 1.
-@pytest.mark.xfail(strict=True, reason="0001-0003 lack the search_path pin")
 def test_psql_files_in_name_order_equal_pyqueue_migrate(
     empty_dsn: str, dsn: str
 ) -> None:

@@ -1,0 +1,235 @@
+"""The claim protocol at the SQL level, with real connections and explicit
+interleaving: one job at a time per queue, in id order, fenced claims."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+Conn = psycopg.Connection[Any]
+
+
+@pytest.fixture
+def other(dsn: str) -> Iterator[Conn]:
+    """A second autocommit connection: another worker or publisher."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield conn
+
+
+def publish(conn: Conn, queue: str, args: Any = None, category: str = "c") -> int:
+    row = conn.execute(
+        "SELECT publish_job(%s, %s::jsonb, %s)",
+        (category, None if args is None else str(args), queue),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def claim(conn: Conn, worker: str, categories: list[str] | None = None) -> int | None:
+    row = conn.execute(
+        "SELECT id FROM claim_next_job(%s, %s)", (worker, categories)
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def complete(conn: Conn, job_id: int, worker: str, result: Any = 1) -> bool:
+    row = conn.execute(
+        "SELECT complete_job(%s, %s, 'resolved', %s::jsonb)",
+        (job_id, worker, str(result)),
+    ).fetchone()
+    assert row is not None
+    return bool(row[0])
+
+
+def test_claim_takes_oldest_job_first(db: Conn) -> None:
+    first = publish(db, "q")
+    publish(db, "r")
+
+    assert claim(db, "w1") == first
+
+
+def test_claim_skips_queue_with_running_job(db: Conn, other: Conn) -> None:
+    q1 = publish(db, "q")
+    q2 = publish(db, "q")
+    r1 = publish(db, "r")
+
+    assert claim(db, "w1") == q1
+    assert claim(other, "w2") == r1
+    assert claim(other, "w2") is None
+
+    assert complete(db, q1, "w1")
+    assert claim(other, "w2") == q2
+
+
+def test_uncommitted_claim_hides_its_queue_from_other_claimers(
+    db: Conn, other: Conn
+) -> None:
+    q1 = publish(db, "q")
+    publish(db, "q")
+    r1 = publish(db, "r")
+
+    with db.transaction():
+        assert claim(db, "w1") == q1
+        # The claim is not committed yet: the queue's lock holds the others off.
+        assert claim(other, "w2") == r1
+        assert claim(other, "w2") is None
+
+    assert claim(other, "w2") is None
+
+
+def test_job_of_open_publishing_transaction_runs_before_younger_ones(
+    db: Conn, other: Conn
+) -> None:
+    with db.transaction():
+        older = publish(db, "q")
+        younger = publish(other, "q")  # commits at once, but is younger
+        assert younger > older
+
+        assert claim(other, "w2") is None
+
+    assert claim(other, "w2") == older
+
+
+def test_rolled_back_publish_leaves_nothing_to_claim(db: Conn, other: Conn) -> None:
+    with pytest.raises(psycopg.errors.RaiseException), db.transaction():
+        publish(db, "q")
+        db.execute("DO $$ BEGIN RAISE EXCEPTION 'abort'; END $$")
+
+    assert claim(other, "w2") is None
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_failed_job_does_not_block_its_queue(db: Conn) -> None:
+    q1 = publish(db, "q")
+    q2 = publish(db, "q")
+    assert claim(db, "w1") == q1
+
+    db.execute(
+        "SELECT complete_job(%s, 'w1', 'rejected', '{\"message\": \"boom\"}')", (q1,)
+    )
+
+    assert claim(db, "w1") == q2
+
+
+def test_claim_leaves_queue_whose_next_job_has_unhandled_category(db: Conn) -> None:
+    publish(db, "q", category="other")
+    publish(db, "q", category="mine")
+    mine = publish(db, "r", category="mine")
+
+    assert claim(db, "w1", ["mine"]) == mine
+    assert claim(db, "w1", ["mine"]) is None
+
+
+def test_expired_claim_is_claimed_again_and_old_worker_is_refused(
+    db: Conn, other: Conn
+) -> None:
+    job = publish(db, "q")
+    publish(db, "q")
+    assert claim(db, "w1") == job
+
+    db.execute(
+        "UPDATE jobs SET claim_expires_at = now() - interval '1 second' WHERE id = %s",
+        (job,),
+    )
+
+    assert claim(other, "w2") == job
+    assert not complete(db, job, "w1", result=1)
+    assert complete(other, job, "w2", result=2)
+    row = db.execute("SELECT status, result, attempts FROM jobs WHERE id = %s", (job,))
+    assert row.fetchone() == ("resolved", 2, 2)
+
+
+def test_expired_but_unclaimed_job_is_still_completed_by_its_worker(db: Conn) -> None:
+    job = publish(db, "q")
+    assert claim(db, "w1") == job
+    db.execute(
+        "UPDATE jobs SET claim_expires_at = now() - interval '1 second' WHERE id = %s",
+        (job,),
+    )
+
+    assert complete(db, job, "w1")
+
+
+def test_renew_claims_returns_only_claims_still_held(db: Conn, other: Conn) -> None:
+    kept = publish(db, "q")
+    lost = publish(db, "r")
+    assert claim(db, "w1") == kept
+    assert claim(db, "w1") == lost
+    db.execute("UPDATE jobs SET status = 'resolved' WHERE id = %s", (lost,))
+
+    rows = db.execute("SELECT renew_claims('w1', %s)", ([kept, lost],)).fetchall()
+
+    assert rows == [(kept,)]
+
+
+def test_reap_releases_claims_of_unregistered_workers_only(
+    db: Conn, other: Conn
+) -> None:
+    alive_job = publish(db, "q")
+    dead_job = publish(db, "r")
+    other.execute("SELECT register_worker('alive')")
+    assert claim(other, "alive") == alive_job
+    assert claim(db, "dead") == dead_job
+
+    db.execute("SELECT reap_claims()")
+
+    rows = db.execute("SELECT id, worker FROM jobs ORDER BY id").fetchall()
+    assert rows == [(alive_job, "alive"), (dead_job, None)]
+
+
+def test_register_worker_refuses_a_name_held_by_another_session(
+    db: Conn, other: Conn
+) -> None:
+    db.execute("SELECT register_worker('w1')")
+
+    with pytest.raises(psycopg.Error) as raised:
+        other.execute("SELECT register_worker('w1')")
+
+    assert raised.value.sqlstate == "PQ006"
+
+
+def test_release_claims_makes_job_claimable_at_once(db: Conn, other: Conn) -> None:
+    job = publish(db, "q")
+    assert claim(db, "w1") == job
+
+    db.execute("SELECT release_claims('w1')")
+
+    assert claim(other, "w2") == job
+
+
+def test_claim_refuses_repeatable_read(db: Conn) -> None:
+    publish(db, "q")
+
+    with pytest.raises(psycopg.Error) as raised:
+        db.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        claim(db, "w1")
+    db.execute("ROLLBACK")
+
+    assert raised.value.sqlstate == "PQ003"
+
+
+def test_running_job_rule_is_a_constraint(db: Conn) -> None:
+    first = publish(db, "q")
+    second = publish(db, "q")
+    assert claim(db, "w1") == first
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(
+            "UPDATE jobs SET worker = 'rogue', claim_expires_at = now() WHERE id = %s",
+            (second,),
+        )
+
+
+def test_publish_jobs_returns_ids_in_input_order(db: Conn) -> None:
+    rows = db.execute(
+        "SELECT publish_jobs(ARRAY['a', 'b', 'c'], ARRAY['1', '2', '3']::jsonb[],"
+        " ARRAY['q', NULL, 'q'])"
+    ).fetchall()
+
+    ids = [row[0] for row in rows]
+    assert ids == sorted(ids)
+    stored = db.execute("SELECT category, args, queue FROM jobs ORDER BY id").fetchall()
+    assert stored == [("a", 1, "q"), ("b", 2, "default"), ("c", 3, "q")]

@@ -122,6 +122,8 @@ def wait(
             )
         return _Waiter(connection, schema, poll_interval).wait(job_id, deadline)
 
+    # TODO: no wait_many; each wait with dsn= opens a connection of its own, so
+    # a thread waiting for N jobs in turn connects N times.
     dsn = dsn or os.environ.get(ENV_DSN)
     if not dsn:
         raise ValueError(

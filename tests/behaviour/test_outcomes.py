@@ -237,3 +237,43 @@ async def test_register_after_open_is_refused(make_any_queue: Any) -> None:
             queue.register("c", print)
 
     assert queue.categories == ["a", "b"]
+
+
+async def test_handlers_own_timeout_error_is_its_outcome_not_the_timeout(
+    make_any_queue: Any,
+) -> None:
+    queue = make_any_queue()
+
+    @queue.handler("impatient", timeout=30)
+    async def impatient(args: Any) -> None:
+        raise TimeoutError("the upstream service did not answer")
+
+    async with queue:
+        job = await queue.publish("impatient")
+        with pytest.raises(JobRejected) as caught:
+            await job.done
+
+    assert caught.value.error["type"] == "TimeoutError"
+    assert caught.value.error["message"] == "the upstream service did not answer"
+
+
+async def test_handler_raising_cancelled_error_rejects_and_worker_goes_on(
+    make_any_queue: Any,
+) -> None:
+    queue = make_any_queue()
+
+    @queue.handler("cancels")
+    async def cancels(args: Any) -> None:
+        raise asyncio.CancelledError("gave up")
+
+    queue.register("echo", lambda args: args)
+
+    async with queue:
+        cancelled = await queue.publish("cancels", queue_name="q")
+        after = await queue.publish("echo", "still here", queue_name="q")
+        with pytest.raises(JobRejected) as caught:
+            await asyncio.wait_for(asyncio.shield(cancelled.done), 30)
+        result = await asyncio.wait_for(asyncio.shield(after.done), 30)
+
+    assert caught.value.error["type"] == "CancelledError"
+    assert result == "still here"

@@ -47,19 +47,20 @@ class Outcomes:
         self._futures.clear()
 
     def watch(self, job_id: int) -> asyncio.Future[Any]:
-        """The future of `job_id`'s outcome, created and looked up on first use."""
+        """A future of `job_id`'s outcome. Each call gets its own, shielding
+        the shared one: a waiter that gives up (``wait_for`` timing out
+        cancels what it awaits) leaves the outcome to later waiters."""
         future = self._futures.get(job_id)
-        if future is not None:
-            return future
-        if self._task is None:
-            raise QueueNotOpen(
-                f"cannot wait for job {job_id}: the queue is not open; "
-                "use `async with queue` or `await queue.open()`"
-            )
-        future = asyncio.get_running_loop().create_future()
-        self._futures[job_id] = future
-        self._mark_due([job_id])
-        return future
+        if future is None:
+            if self._task is None:
+                raise QueueNotOpen(
+                    f"cannot wait for job {job_id}: the queue is not open; "
+                    "use `async with queue` or `await queue.open()`"
+                )
+            future = asyncio.get_running_loop().create_future()
+            self._futures[job_id] = future
+            self._mark_due([job_id])
+        return asyncio.shield(future)
 
     def notified(self, job_id: int) -> None:
         """A notification said `job_id` finished or was deleted: look now."""

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+import psycopg
+
 from ._connection import Backoff, is_transient
 
 logger = logging.getLogger(__name__)
@@ -307,8 +309,11 @@ class Worker:
         self, job_id: int, queue: str, status: str, result: str
     ) -> None:
         """Record the outcome, retrying through lost connections until the
-        database answers; a refused completion means the claim was lost."""
+        database answers; a refused completion means the claim was lost. An
+        outcome the database refuses to store (a NUL character, say) rejects
+        the job with an error that says so, instead of retrying forever."""
         backoff = Backoff()
+        stood_in = False
         while True:
             try:
                 rows = await self._call(
@@ -316,8 +321,25 @@ class Worker:
                 )
                 break
             except Exception as exc:
-                self._log_db_error("completing a job failed", exc)
-                await asyncio.sleep(backoff.next_delay())
+                if is_transient(exc) or not isinstance(exc, psycopg.DataError):
+                    self._log_db_error("completing a job failed", exc)
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                if stood_in:
+                    logger.error(
+                        "cannot store any outcome of job %d",
+                        job_id,
+                        exc_info=exc,
+                        extra={"job_id": job_id, "worker_id": self.worker_id},
+                    )
+                    return
+                stood_in = True
+                reason = str(exc.diag.message_primary or exc).replace("\x00", "")
+                error = ValueError(
+                    f"the {status} outcome of job {job_id} cannot be stored:"
+                    f" {reason}; return JSON that PostgreSQL's jsonb accepts"
+                )
+                status, result = "rejected", json.dumps(serialize_error(error))
         if not rows[0][0]:
             logger.warning(
                 "claim on job %d lost; its result is discarded",

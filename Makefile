@@ -39,6 +39,12 @@ test: lint
 test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+# Not part of `make test`: 100,000 jobs over 50 queues while worker processes
+# are killed and the server restarts once; prints what was lost (must be 0).
+# About 10 minutes on 2 cores; e.g. SOAK_ARGS="--jobs 10000" for a quick one.
+soak: install
+	$(BIN)/python soak/run.py $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
 

@@ -15,7 +15,7 @@ and is therefore not part of the protocol.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Protocol, Self, TypeVar, overload
 
 from .errors import InvalidJob
 
@@ -73,7 +73,7 @@ class QueueLike(Protocol):
         """Stop claiming, let running jobs finish within `grace` seconds."""
         ...
 
-    async def __aenter__(self) -> Any:
+    async def __aenter__(self) -> Self:
         """``open()``; returns the queue."""
         ...
 

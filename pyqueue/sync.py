@@ -142,7 +142,7 @@ def wait(
             logger.info(
                 "waiting for job %d: %s; reconnecting",
                 job_id,
-                exc,
+                str(exc).splitlines()[0],
                 extra={"job_id": job_id},
             )
             time.sleep(delay)

@@ -188,3 +188,27 @@ async def test_publish_many_refuses_queue_names_of_other_length(
         after = await queue.publish("a", 3)
 
     assert after.id == before.id + 1
+
+
+async def test_no_queue_name_means_the_default_queue(make_any_queue: Any) -> None:
+    queue = make_any_queue()
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @queue.handler("step")
+    async def step(name: str) -> str:
+        started.append(name)
+        if name == "first":
+            await release.wait()
+        return name
+
+    async with queue:
+        first = await queue.publish("step", "first")
+        second = await queue.publish("step", "second", queue_name=None)
+        marker = await queue.publish("step", "marker", queue_name="other")
+        await asyncio.wait_for(marker.done, WAIT)
+        started_while_first_ran = list(started)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first.done, second.done), WAIT)
+
+    assert started_while_first_ran == ["first", "marker"]

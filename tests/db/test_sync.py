@@ -272,3 +272,29 @@ async def test_publish_and_wait_in_another_schema(make_queue: Any, dsn: str) -> 
 
     assert result == "elsewhere"
     assert public_jobs == (0,)
+
+
+def test_wait_with_dsn_survives_its_connection_being_cut(
+    tx: psycopg.Connection[Any], dsn: str, db: psycopg.Connection[Any]
+) -> None:
+    job_id = sync.publish(tx, "by-hand")
+    tx.commit()
+    outcome: dict[str, Any] = {}
+
+    def waiter() -> None:
+        outcome["result"] = sync.wait(job_id, dsn=dsn, timeout=WAIT, poll_interval=0.2)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    wait_until_waiting(db)
+    cut = db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE state = 'idle' AND query LIKE '%job_outcomes%'"
+    ).fetchall()
+    db.execute(
+        "UPDATE jobs SET status = 'resolved', result = '7' WHERE id = %s", (job_id,)
+    )
+    thread.join(WAIT)
+
+    assert cut == [(True,)]
+    assert outcome == {"result": 7}

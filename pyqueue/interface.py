@@ -140,7 +140,8 @@ def category_of(handlers: Mapping[str, Handler], handler: Handler) -> str:
     Raises InvalidJob when it is registered for none, or for several (then
     the category is ambiguous and must be given by name).
     """
-    found = [category for category, fn in handlers.items() if fn is handler]
+    # == rather than `is`: each access of a bound method makes a new object.
+    found = [category for category, fn in handlers.items() if fn == handler]
     name = getattr(handler, "__qualname__", repr(handler))
     if not found:
         raise InvalidJob(

@@ -115,3 +115,24 @@ def test_invalid_options_are_refused() -> None:
         queue.register("", print)
     with pytest.raises(ValueError, match="timeout must be positive"):
         queue.register("x", print, timeout=0)
+
+
+async def test_publish_by_bound_method_finds_its_category() -> None:
+    class Mailer:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send(self, to: str) -> str:
+            self.sent.append(to)
+            return f"sent to {to}"
+
+    mailer = Mailer()
+    queue = MemoryQueue()
+    queue.register("mail", mailer.send)
+
+    async with queue:
+        job = await queue.publish(mailer.send, "ada@example.org")
+        result = await asyncio.wait_for(job.done, WAIT)
+
+    assert result == "sent to ada@example.org"
+    assert mailer.sent == ["ada@example.org"]

@@ -39,6 +39,16 @@ test: lint
 test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+# Benchmarks on a throwaway server with default durability (fsync on): W1-W5
+# and the pgbench ceiling, figures with their spread, JSON in bench-results.json.
+# bench takes about 10 minutes on 2 cores, bench-quick under 3;
+# e.g. BENCH_ARGS="--only w1,ceiling --repeats 1".
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
+
 # Not part of `make test`: 100,000 jobs over 50 queues while worker processes
 # are killed and the server restarts once; prints what was lost (must be 0).
 # About 10 minutes on 2 cores; e.g. SOAK_ARGS="--jobs 10000" for a quick one.

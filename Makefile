@@ -21,12 +21,14 @@ demo: install
 
 lint: install
 	$(BIN)/sqlfluff lint sql/
-	$(BIN)/ruff check pyqueue tests
+	$(BIN)/ruff check pyqueue tests examples bench
+	$(BIN)/ruff format --check pyqueue tests examples bench
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples
 
 format: install
-	$(BIN)/ruff format pyqueue tests
-	$(BIN)/ruff check --fix pyqueue tests
+	$(BIN)/ruff format pyqueue tests examples bench
+	$(BIN)/ruff check --fix pyqueue tests examples bench
 
 # Rewrites the checksum each sql/ file records for itself (after editing one).
 stamp: install

@@ -395,6 +395,69 @@ BEGIN
 END
 $$;
 
+-- complete_and_claim_jobs: a worker's round trip: record the outcomes of the
+-- jobs `job_ids` (element i: `statuses[i]`, `results[i]`, as complete_job
+-- does), then claim up to `claim_count` jobs as claim_next_job does, all in
+-- one transaction. One commit then stands for many jobs, and the worker that
+-- finishes a queue's job can take that queue's next job without waiting for
+-- a notification. Returns one row per refused completion (event 'refused':
+-- the claim was gone, nothing was written) and per claimed job (event
+-- 'claimed'). Same concurrency rules and notifications as the two functions.
+CREATE FUNCTION complete_and_claim_jobs(
+    worker text,
+    job_ids bigint[],
+    statuses text[],
+    results jsonb[],
+    claim_count integer,
+    categories text[] DEFAULT NULL,
+    claim_timeout interval DEFAULT interval '60 seconds'
+)
+RETURNS TABLE (
+    event text,
+    id bigint,
+    category text,
+    args jsonb,
+    queue text,
+    attempts integer
+)
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_job jobs;
+    v_claimed integer := 0;
+BEGIN
+    IF cardinality(job_ids) IS DISTINCT FROM cardinality(statuses)
+        OR cardinality(job_ids) IS DISTINCT FROM cardinality(results) THEN
+        RAISE EXCEPTION 'complete_and_claim_jobs needs arrays of one length, got % % %',
+            cardinality(job_ids), cardinality(statuses), cardinality(results)
+            USING ERRCODE = 'PQ005';
+    END IF;
+
+    FOR i IN 1..coalesce(cardinality(job_ids), 0) LOOP
+        IF NOT complete_job(
+            job_ids[i], complete_and_claim_jobs.worker, statuses[i], results[i]
+        ) THEN
+            RETURN QUERY SELECT 'refused', job_ids[i], NULL::text, NULL::jsonb,
+                NULL::text, NULL::integer;
+        END IF;
+    END LOOP;
+
+    WHILE v_claimed < coalesce(claim_count, 0) LOOP
+        SELECT c.* INTO v_job
+        FROM claim_next_job(
+            complete_and_claim_jobs.worker, categories, claim_timeout
+        ) AS c;
+        EXIT WHEN v_job.id IS NULL;
+
+        v_claimed := v_claimed + 1;
+        RETURN QUERY SELECT 'claimed', v_job.id, v_job.category, v_job.args,
+            v_job.queue, v_job.attempts;
+    END LOOP;
+END
+$$;
+
 -- renew_claims: extend `worker`'s claims on `job_ids` to now() +
 -- `claim_timeout`, and return the ids it still holds; a missing id is a lost
 -- claim. A claim that expired but was not claimed again is still held.
@@ -519,7 +582,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     2,
     'create_job_functions',
-    'sha256:5e809f9ac7f10927d21ffa229d308290d9a84f0d30617ef7653844e06044162c'
+    'sha256:70b8ce0d9a8b595ae283c56154eaaa4b09eca30b0b958892e56ea077b04428b5'
 );
 
 COMMIT;

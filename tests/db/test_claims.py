@@ -233,3 +233,40 @@ def test_publish_jobs_returns_ids_in_input_order(db: Conn) -> None:
     assert ids == sorted(ids)
     stored = db.execute("SELECT category, args, queue FROM jobs ORDER BY id").fetchall()
     assert stored == [("a", 1, "q"), ("b", 2, "default"), ("c", 3, "q")]
+
+
+def test_complete_and_claim_records_outcomes_then_claims_next_jobs(db: Conn) -> None:
+    q1 = publish(db, "q")
+    q2 = publish(db, "q")
+    r1 = publish(db, "r")
+    s1 = publish(db, "s")
+    assert claim(db, "w1") == q1
+    assert claim(db, "w1") == r1
+
+    rows = db.execute(
+        "SELECT event, id, queue FROM complete_and_claim_jobs('w1', %s, %s, %s, 2)",
+        ([q1, r1], ["resolved", "rejected"], ["1", '{"message": "no"}']),
+    ).fetchall()
+
+    # q1 finished, so q's next job is the oldest that may run; then s.
+    assert rows == [("claimed", q2, "q"), ("claimed", s1, "s")]
+    finished = db.execute(
+        "SELECT id, status FROM jobs WHERE finished_at IS NOT NULL ORDER BY id"
+    ).fetchall()
+    assert finished == [(q1, "resolved"), (r1, "rejected")]
+
+
+def test_complete_and_claim_reports_refused_completions(db: Conn) -> None:
+    job = publish(db, "q")
+    assert claim(db, "w1") == job
+    db.execute(
+        "UPDATE jobs SET status = 'resolved', result = '0' WHERE id = %s", (job,)
+    )
+
+    rows = db.execute(
+        "SELECT event, id FROM complete_and_claim_jobs('w1', %s, %s, %s, 1)",
+        ([job], ["resolved"], ["1"]),
+    ).fetchall()
+
+    assert rows == [("refused", job)]
+    assert db.execute("SELECT result FROM jobs").fetchone() == (0,)

@@ -261,7 +261,8 @@ def drain(
                 raise RuntimeError("the workers did not drain the jobs in 15 minutes")
             time.sleep(0.1)
         row = conn.execute(
-            "SELECT extract(epoch FROM max(finished_at))::float8, count(*)"
+            "SELECT extract(epoch FROM max(finished_at))::float8, count(*),"
+            " count(*) FILTER (WHERE attempts > 1)"
             " FROM jobs WHERE status = 'resolved' AND finished_at >= to_timestamp(%s)",
             (started,),
         ).fetchone()
@@ -270,7 +271,7 @@ def drain(
     time.sleep(0.5)  # exiting backends flush their statistics
     after = bench.db_stats(dsn)
     assert row is not None
-    last_finished, finished = row
+    last_finished, finished, reruns = row
     if finished != jobs:
         raise RuntimeError(f"expected {jobs} resolved jobs, found {finished}")
     elapsed = last_finished - started
@@ -290,6 +291,8 @@ def drain(
         f"calls_{name.lower()}": count / jobs for name, count in sorted(calls.items())
     }
     per_job["round_trips"] = sum(calls.values()) / jobs
+    # Jobs whose handler ran more than once (a claim lost and taken again).
+    per_job["handler_reruns"] = reruns / jobs
     for name in ("CLAIM_NEXT_JOB", "COMPLETE_JOB"):
         if calls.get(name):
             per_call = seconds_in[name] * 1000 / calls[name]

@@ -293,15 +293,15 @@ def drain(
     per_job["round_trips"] = sum(calls.values()) / jobs
     # Jobs whose handler ran more than once (a claim lost and taken again).
     per_job["handler_reruns"] = reruns / jobs
-    for name in ("CLAIM_NEXT_JOB", "COMPLETE_JOB"):
+    for name in ("COMPLETE_AND_CLAIM_JOBS", "RENEW_CLAIMS", "REAP_CLAIMS"):
         if calls.get(name):
             per_call = seconds_in[name] * 1000 / calls[name]
             per_job[f"{name.lower()}_ms_per_call"] = per_call
-    # One claim loop per process claims one job per call: when this is near
-    # 1, the claim loop's round trips bound the throughput.
-    if "CLAIM_NEXT_JOB" in seconds_in:
-        per_job["claim_loop_busy_share"] = (
-            seconds_in["CLAIM_NEXT_JOB"] / processes / elapsed
+    # One cycle loop per process makes one call at a time: when this is near
+    # 1, the loop's round trips bound the throughput.
+    if "COMPLETE_AND_CLAIM_JOBS" in seconds_in:
+        per_job["cycle_loop_busy_share"] = (
+            seconds_in["COMPLETE_AND_CLAIM_JOBS"] / processes / elapsed
         )
     per_job.update(
         {f"notifies_{name}": count / jobs for name, count in sorted(notifies.items())}

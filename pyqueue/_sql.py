@@ -15,8 +15,12 @@ CLAIM_NEXT_JOB = (
     " FROM {schema}.claim_next_job(%s, %s, %s)"
 )
 COMPLETE_JOB = "SELECT {schema}.complete_job(%s, %s, %s, %s::jsonb)"
+COMPLETE_AND_CLAIM_JOBS = (
+    "SELECT event, id, category, args, queue, attempts"
+    " FROM {schema}.complete_and_claim_jobs(%s, %s, %s, %s::jsonb[], %s, %s, %s)"
+)
 RENEW_CLAIMS = "SELECT {schema}.renew_claims(%s, %s, %s)"
-RELEASE_CLAIMS = "SELECT {schema}.release_claims(%s, %s)"
+RELEASE_CLAIMS = "SELECT {schema}.release_claims(%s, %s, %s)"
 REGISTER_WORKER = "SELECT {schema}.register_worker(%s)"
 REAP_CLAIMS = "SELECT {schema}.reap_claims()"
 JOB_OUTCOMES = "SELECT id, status, result FROM {schema}.job_outcomes(%s)"

@@ -101,15 +101,17 @@ class _Table:
             return self._claim_next_job(params[0], params[1])
         if name == "COMPLETE_JOB":
             return [(self._complete_job(*params),)]
+        if name == "COMPLETE_AND_CLAIM_JOBS":
+            return self._complete_and_claim_jobs(*params)
         if name == "RENEW_CLAIMS":
             worker, job_ids = params[0], set(params[1])
             return [(row.id,) for row in self._held(worker) if row.id in job_ids]
         if name == "RELEASE_CLAIMS":
-            worker, job_ids = params[0], params[1]
+            worker, job_ids, keep = params[0], params[1], set(params[2] or ())
             released = [
                 row
                 for row in self._held(worker)
-                if job_ids is None or row.id in job_ids
+                if (job_ids is None or row.id in job_ids) and row.id not in keep
             ]
             for row in released:
                 row.worker = None
@@ -120,6 +122,28 @@ class _Table:
             f"MemoryQueue has no stand-in for {name!r}; "
             "pyqueue.testing must learn the new call"
         )
+
+    def _complete_and_claim_jobs(
+        self,
+        worker: str,
+        job_ids: list[int],
+        statuses: list[str],
+        results: list[str],
+        claim_count: int,
+        categories: list[str] | None,
+        claim_timeout: object,
+    ) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = [
+            ("refused", job_id, None, None, None, None)
+            for job_id, status, result in zip(job_ids, statuses, results, strict=True)
+            if not self._complete_job(job_id, worker, status, result)
+        ]
+        for _ in range(claim_count):
+            claimed = self._claim_next_job(worker, categories)
+            if not claimed:
+                break
+            rows.append(("claimed", *claimed[0]))
+        return rows
 
     async def outcomes(self, job_ids: list[int]) -> list[tuple[int, str, Any]]:
         """``job_outcomes()``: (id, status, result) of the ids that exist."""

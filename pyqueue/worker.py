@@ -1,10 +1,12 @@
 """Worker: claims jobs, runs their handlers, renews claims and records outcomes.
 
-All queue semantics live in the database: the worker asks ``claim_next_job``
-for whatever may run now, and ``complete_job`` tells it whether it still held
-the claim. Besides, it keeps its claims alive (``renew_claims``), gives back
-the claims of dead workers (``reap_claims``), and on shutdown gives back its
-own (``release_claims``).
+All queue semantics live in the database. One loop makes one call per
+cycle, ``complete_and_claim_jobs``: it records every outcome that arrived
+since the last call (the database says which claims were lost) and claims as
+many jobs as there are free slots, in one round trip and one commit, so that
+under load one commit stands for many jobs. Besides, the worker keeps its
+claims alive (``renew_claims``), gives back the claims of dead workers
+(``reap_claims``), and on shutdown gives back its own (``release_claims``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -69,7 +72,6 @@ class Worker:
         self._reap_interval = reap_interval
         self._renew_interval = max(0.2, claim_timeout / 4)
 
-        self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._registered = asyncio.Event()
         self._stopping = False
@@ -78,6 +80,10 @@ class Worker:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._handling: dict[int, asyncio.Task[tuple[str, str]]] = {}
         self._lost: set[int] = set()
+        # Outcomes waiting for the next cycle, and those in the cycle's call:
+        # neither is renewed (its claim may end any moment, and is not lost).
+        self._outcomes: dict[int, _Outcome] = {}
+        self._recording: dict[int, _Outcome] = {}
         self._next_expiry: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._hurry = asyncio.Event()
@@ -100,10 +106,6 @@ class Worker:
         the claims of the rest, so they run again elsewhere at once."""
         self._stopping = True
         self._wake.set()
-        claim_loop = self._tasks[0] if self._tasks else None
-        if claim_loop is not None:
-            claim_loop.cancel()
-            await asyncio.gather(claim_loop, return_exceptions=True)
 
         if self._running:
             logger.info(
@@ -115,22 +117,20 @@ class Worker:
             await self._wait_unless_hurried(list(self._running.values()), grace)
 
         # Handlers past the grace period stop without an outcome; outcomes
-        # already being recorded get a moment more, so that a finished job
-        # is not run again for want of a round trip.
+        # already on their way get a moment more, so that a finished job is
+        # not run again for want of a round trip.
         for handling in self._handling.values():
             handling.cancel()
         await self._wait_unless_hurried(list(self._running.values()), COMPLETE_GRACE)
-        for task in self._running.values():
+        for task in [*self._running.values(), *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await asyncio.gather(
+            *self._running.values(), *self._tasks, return_exceptions=True
+        )
 
         # Every claim this worker still holds, including one whose claim call
         # was cut short above, goes back now rather than at a reap or expiry.
         await self._release()
-
-        for task in self._tasks[1:]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _wait_unless_hurried(
         self, tasks: list[asyncio.Task[None]], timeout: float
@@ -169,43 +169,65 @@ class Worker:
     async def _claim_loop(self) -> None:
         backoff = Backoff()
         categories = sorted(self._handlers)
-        while not self._stopping:
-            await self._slots.acquire()
-            job = None
-            while job is None and not self._stopping:
-                await self._registered.wait()
-                self._wake.clear()
-                if self._maybe_orphaned and not self._running:
-                    await self._release()
-                    self._maybe_orphaned = False
+        while True:
+            self._wake.clear()
+            batch = dict(self._outcomes)
+            self._outcomes.clear()
+            want = 0
+            if not self._stopping and self._registered.is_set():
+                want = self._concurrency - len(self._running) + len(batch)
+            if self._stopping and not batch and not self._running:
+                return
+            if self._maybe_orphaned and want and not batch:
+                await self._release(keep=list(self._running))
+                self._maybe_orphaned = False
+
+            if batch or want:
+                self._recording = batch
                 try:
                     rows = await self._call(
-                        "CLAIM_NEXT_JOB",
+                        "COMPLETE_AND_CLAIM_JOBS",
                         self.worker_id,
+                        list(batch),
+                        [outcome.status for outcome in batch.values()],
+                        [outcome.result for outcome in batch.values()],
+                        want,
                         categories,
                         self._claim_timeout,
                     )
                 except Exception as exc:
-                    # TODO: with jobs running, a claim whose reply was lost
-                    # stays held (blocking its queue) until they all finish
-                    # or the claim expires; release_claims cannot spare them.
-                    self._maybe_orphaned = True
-                    self._log_db_error("claim failed", exc)
+                    self._recording = {}
+                    await self._cycle_failed(exc, batch, claimed=bool(want))
                     await asyncio.sleep(backoff.next_delay())
                     continue
+                self._recording = {}
                 backoff.reset()
-                if rows:
-                    job = rows[0]
-                    break
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._idle_delay())
-                except TimeoutError:
-                    logger.debug("poll", extra={"worker_id": self.worker_id})
+                claimed = self._cycle_done(batch, rows)
+                if want and claimed == want:
+                    continue  # there may be more to claim right away
 
-            if job is None:
-                self._slots.release()
-                break
-            job_id, category, args, queue, attempts = job
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._idle_delay())
+            except TimeoutError:
+                logger.debug("poll", extra={"worker_id": self.worker_id})
+
+    def _cycle_done(
+        self, batch: dict[int, _Outcome], rows: list[tuple[Any, ...]]
+    ) -> int:
+        """Settle the recorded outcomes and start the claimed jobs; return how
+        many jobs were claimed."""
+        refused = {row[1] for row in rows if row[0] == "refused"}
+        for job_id, outcome in batch.items():
+            if job_id in refused:
+                self._claim_lost_at_completion(job_id, outcome)
+            if not outcome.recorded.done():
+                outcome.recorded.set_result(None)
+
+        claimed = 0
+        for _event, job_id, category, args, queue, attempts in (
+            row for row in rows if row[0] == "claimed"
+        ):
+            claimed += 1
             logger.debug(
                 "claimed job %d",
                 job_id,
@@ -222,6 +244,27 @@ class Worker:
                 self._run_job(job_id, category, args, queue)
             )
             self._running[job_id] = task
+        return claimed
+
+    async def _cycle_failed(
+        self, exc: Exception, batch: dict[int, _Outcome], *, claimed: bool
+    ) -> None:
+        """A cycle's call failed: keep its outcomes for the next one (one by
+        one when the database refused the batch's data)."""
+        if claimed:
+            # TODO: the call may have committed with its reply lost; its
+            # claims are given back at the next cycle that claims.
+            self._maybe_orphaned = True
+        if is_transient(exc) or not isinstance(exc, psycopg.DataError):
+            self._log_db_error("claim failed", exc)
+            for job_id, outcome in batch.items():
+                # The call may have committed: a refusal next time is no news.
+                outcome.retried = True
+                self._outcomes[job_id] = outcome
+            return
+        for job_id, outcome in batch.items():
+            await self._complete(job_id, outcome)
+            outcome.recorded.set_result(None)
 
     def _idle_delay(self) -> float:
         """How long to sleep without news: the poll interval, or less when an
@@ -252,19 +295,20 @@ class Worker:
                 return
             finally:
                 self._handling.pop(job_id, None)
-            elapsed = time.monotonic() - started
             logger.debug(
                 "job %d %s in %.3fs",
                 job_id,
                 status,
-                elapsed,
+                time.monotonic() - started,
                 extra={"job_id": job_id, "queue": queue, "status": status},
             )
-            await self._complete(job_id, queue, status, result)
+            outcome = _Outcome(queue, status, result)
+            self._outcomes[job_id] = outcome
+            self._wake.set()
+            await outcome.recorded
         finally:
             self._running.pop(job_id, None)
             self._lost.discard(job_id)
-            self._slots.release()
             self._wake.set()
 
     async def _outcome(self, job_id: int, category: str, args: Any) -> tuple[str, str]:
@@ -305,13 +349,12 @@ class Worker:
             value = await value
         return value
 
-    async def _complete(
-        self, job_id: int, queue: str, status: str, result: str
-    ) -> None:
-        """Record the outcome, retrying through lost connections until the
-        database answers; a refused completion means the claim was lost. An
+    async def _complete(self, job_id: int, outcome: _Outcome) -> None:
+        """Record one outcome alone (after the database refused a batch),
+        retrying through lost connections until the database answers. An
         outcome the database refuses to store (a NUL character, say) rejects
         the job with an error that says so, instead of retrying forever."""
+        status, result = outcome.status, outcome.result
         backoff = Backoff()
         stood_in = False
         while True:
@@ -341,11 +384,27 @@ class Worker:
                 )
                 status, result = "rejected", json.dumps(serialize_error(error))
         if not rows[0][0]:
-            logger.warning(
-                "claim on job %d lost; its result is discarded",
+            self._claim_lost_at_completion(job_id, outcome)
+
+    def _claim_lost_at_completion(self, job_id: int, outcome: _Outcome) -> None:
+        if outcome.retried:
+            # An earlier call with this outcome failed after it may have
+            # committed: the refusal may be our own completion.
+            logger.info(
+                "job %d was finished already; a retried outcome is discarded",
                 job_id,
-                extra={"job_id": job_id, "queue": queue, "worker_id": self.worker_id},
+                extra={"job_id": job_id, "queue": outcome.queue},
             )
+            return
+        logger.warning(
+            "claim on job %d lost; its result is discarded",
+            job_id,
+            extra={
+                "job_id": job_id,
+                "queue": outcome.queue,
+                "worker_id": self.worker_id,
+            },
+        )
 
     # -- keeping claims -------------------------------------------------------
 
@@ -362,7 +421,13 @@ class Worker:
                 self._log_db_error("background step failed", exc)
 
     async def _renew(self) -> None:
-        held = [job_id for job_id in self._running if job_id not in self._lost]
+        held = [
+            job_id
+            for job_id in self._running
+            if job_id not in self._lost
+            and job_id not in self._outcomes
+            and job_id not in self._recording
+        ]
         if not held:
             return
         rows = await self._call(
@@ -370,7 +435,12 @@ class Worker:
         )
         kept = {row[0] for row in rows}
         for job_id in held:
-            if job_id not in kept and job_id in self._running:
+            if (
+                job_id not in kept
+                and job_id in self._running
+                and job_id not in self._outcomes
+                and job_id not in self._recording
+            ):
                 self._lost.add(job_id)
                 logger.warning(
                     "claim on job %d lost while running",
@@ -383,10 +453,10 @@ class Worker:
         next_expiry: datetime | None = rows[0][0] if rows else None
         self._next_expiry = next_expiry.timestamp() if next_expiry else None
 
-    async def _release(self) -> None:
-        """Give back every claim this worker holds (none of its handlers runs)."""
+    async def _release(self, keep: list[int] | None = None) -> None:
+        """Give back every claim this worker holds but those in `keep`."""
         try:
-            rows = await self._call("RELEASE_CLAIMS", self.worker_id, None)
+            rows = await self._call("RELEASE_CLAIMS", self.worker_id, None, keep)
         except Exception as exc:
             self._log_db_error("giving back claims failed; they expire instead", exc)
             return
@@ -403,6 +473,19 @@ class Worker:
             logger.info("%s: %s", what, exc, extra={"worker_id": self.worker_id})
         else:
             logger.error(what, exc_info=exc, extra={"worker_id": self.worker_id})
+
+
+@dataclass
+class _Outcome:
+    """A job's outcome on its way to the database."""
+
+    queue: str
+    status: str
+    result: str
+    retried: bool = False
+    recorded: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 def _cancelling() -> bool:

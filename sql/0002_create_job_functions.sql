@@ -480,10 +480,14 @@ AS $$
 $$;
 
 -- release_claims: give back `worker`'s claims on `job_ids` (NULL: all of
--- them) without an outcome, so the jobs run again at once, elsewhere; used
--- when a worker shuts down before its handlers finish. Returns how many it
--- gave back. The status trigger sends NOTIFY jobs for each freed queue.
-CREATE FUNCTION release_claims(worker text, job_ids bigint[] DEFAULT NULL)
+-- them) except those in `keep_ids`, without an outcome, so the jobs run again
+-- at once, elsewhere: on shutdown, or for a claim whose reply was lost.
+-- Returns how many it gave back. NOTIFY jobs comes from the status trigger.
+CREATE FUNCTION release_claims(
+    worker text,
+    job_ids bigint[] DEFAULT NULL,
+    keep_ids bigint[] DEFAULT NULL
+)
 RETURNS integer
 LANGUAGE plpgsql
 VOLATILE
@@ -496,7 +500,8 @@ BEGIN
     SET worker = NULL, claimed_at = NULL, claim_expires_at = NULL
     WHERE j.worker = release_claims.worker
         AND j.status = 'unfulfilled'
-        AND (release_claims.job_ids IS NULL OR j.id = ANY (release_claims.job_ids));
+        AND (release_claims.job_ids IS NULL OR j.id = ANY (release_claims.job_ids))
+        AND NOT j.id = ANY (coalesce(release_claims.keep_ids, '{}'));
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END
@@ -582,7 +587,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     2,
     'create_job_functions',
-    'sha256:70b8ce0d9a8b595ae283c56154eaaa4b09eca30b0b958892e56ea077b04428b5'
+    'sha256:f8662fd0ab3bd14ef96cbada0418afb35d0cbf168a4d9b294d64294b3b051aee'
 );
 
 COMMIT;

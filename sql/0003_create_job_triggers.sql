@@ -3,7 +3,7 @@
 --
 -- Channels (for schema public; elsewhere '<schema>.jobs' and
 -- '<schema>.jobs_finished'):
---   jobs           {"queue": ...}  work may have become runnable in that queue
+--   jobs           {"queue": ...}  a job of that queue may be claimed now
 --   jobs_finished  {"id": ..., "status": ...}  a job finished, or was deleted
 --                  ("status": "deleted"); results never travel in a payload
 -- Identical payloads in one transaction arrive once, so a bulk publish wakes
@@ -125,9 +125,7 @@ FOR EACH STATEMENT
 EXECUTE FUNCTION tg_jobs_after_insert();
 
 -- tg_jobs_after_update: NOTIFY jobs_finished for a job that became resolved
--- or rejected, and jobs for each queue where work may have become runnable:
--- the queue it left (its running job finished, was released or moved) and
--- the queue it waits in.
+-- or rejected, by whatever means.
 CREATE FUNCTION tg_jobs_after_update()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -135,32 +133,79 @@ VOLATILE
 SET search_path FROM CURRENT
 AS $$
 BEGIN
-    IF NEW.status <> 'unfulfilled' AND NEW.status IS DISTINCT FROM OLD.status THEN
-        PERFORM pg_notify(
-            _channel('jobs_finished'),
-            json_build_object('id', NEW.id, 'status', NEW.status)::text
-        );
-    END IF;
-    IF OLD.status = 'unfulfilled' AND NEW.queue IS DISTINCT FROM OLD.queue
-        OR OLD.status = 'unfulfilled' AND NEW.status <> 'unfulfilled' THEN
-        PERFORM pg_notify(_channel('jobs'), json_build_object('queue', OLD.queue)::text);
-    END IF;
-    IF NEW.status = 'unfulfilled' THEN
-        PERFORM pg_notify(_channel('jobs'), json_build_object('queue', NEW.queue)::text);
-    END IF;
+    PERFORM pg_notify(
+        _channel('jobs_finished'),
+        json_build_object('id', NEW.id, 'status', NEW.status)::text
+    );
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER jobs_30_after_update
+AFTER UPDATE OF status ON jobs
+FOR EACH ROW
+WHEN (
+    old.status IS DISTINCT FROM new.status
+    AND new.status <> 'unfulfilled'
+)
+EXECUTE FUNCTION tg_jobs_after_update();
+
+-- _announce_queue: NOTIFY jobs for `queue` if a worker could claim a job of
+-- it now: it has a waiting job and no running job whose claim holds.
+CREATE FUNCTION _announce_queue(queue text)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    IF EXISTS (
+        SELECT FROM jobs AS j
+        WHERE j.queue = _announce_queue.queue AND j.status = 'unfulfilled'
+    ) AND NOT EXISTS (
+        SELECT FROM jobs AS r
+        WHERE r.queue = _announce_queue.queue
+            AND r.status = 'unfulfilled'
+            AND r.worker IS NOT NULL
+            AND r.claim_expires_at > now()
+    ) THEN
+        PERFORM pg_notify(
+            _channel('jobs'), json_build_object('queue', _announce_queue.queue)::text
+        );
+    END IF;
+END
+$$;
+
+-- tg_jobs_queue_changed: at commit, NOTIFY jobs for each queue an update
+-- may have opened up (a job finished, was released, moved, or set back to
+-- unfulfilled), but only if a job of it can be claimed then. Deferred to
+-- commit so that a worker which finishes a queue's job and claims the next
+-- one in the same transaction wakes nobody in vain.
+CREATE FUNCTION tg_jobs_queue_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+BEGIN
+    PERFORM _announce_queue(OLD.queue);
+    IF NEW.queue IS DISTINCT FROM OLD.queue THEN
+        PERFORM _announce_queue(NEW.queue);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE CONSTRAINT TRIGGER jobs_35_queue_changed
 AFTER UPDATE OF status, queue, worker ON jobs
+DEFERRABLE INITIALLY DEFERRED
 FOR EACH ROW
 WHEN (
     old.status IS DISTINCT FROM new.status
     OR old.queue IS DISTINCT FROM new.queue
     OR (old.worker IS NOT NULL AND new.worker IS NULL)
 )
-EXECUTE FUNCTION tg_jobs_after_update();
+EXECUTE FUNCTION tg_jobs_queue_changed();
 
 -- tg_jobs_after_delete: a deleted unfinished job fails its waiters
 -- (jobs_finished with "status": "deleted") and may free its queue (jobs).
@@ -199,7 +244,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     3,
     'create_job_triggers',
-    'sha256:48ae824289516b3cf4d5e21bb1d79b1f35e3fbb8061524c7910389f46947683e'
+    'sha256:a4664dff8bbffe641437ff1c446fdc64af3d612bb0fa9eb36aac69a837618805'
 );
 
 COMMIT;

@@ -10,7 +10,8 @@
 --   pyqueue_publisher  publish jobs (publish_job, publish_jobs), read jobs
 --                      and their outcomes; cannot claim, complete or edit.
 --   pyqueue_worker     what a worker process (Queue with handlers) calls:
---                      claim_next_job, complete_job, renew_claims,
+--                      claim_next_job, complete_job,
+--                      complete_and_claim_jobs, renew_claims,
 --                      release_claims, register_worker, reap_claims, and
 --                      job_outcomes; may update only the claim and outcome
 --                      columns of jobs. A process that also publishes needs
@@ -56,6 +57,8 @@ _lock_queue_shared(text),
 tg_jobs_after_insert(),
 tg_jobs_before_update(),
 tg_jobs_after_update(),
+tg_jobs_queue_changed(),
+_announce_queue(text),
 tg_jobs_after_delete()
 TO pyqueue_publisher, pyqueue_worker;
 
@@ -72,12 +75,14 @@ GRANT SELECT, INSERT ON queue_heads TO pyqueue_publisher;
 GRANT EXECUTE ON FUNCTION
 claim_next_job(text, text[], interval),
 complete_job(bigint, text, text, jsonb),
+complete_and_claim_jobs(text, bigint[], text[], jsonb[], integer, text[], interval),
 renew_claims(text, bigint[], interval),
-release_claims(text, bigint[]),
+release_claims(text, bigint[], bigint[]),
 register_worker(text),
 reap_claims(),
 _try_lock_queue(text),
 _claim_in_queue(text, text, text[], interval),
+_set_queue_head(text, bigint),
 _advance_queue_head(text)
 TO pyqueue_worker;
 GRANT UPDATE (status, result, worker, claimed_at, claim_expires_at, attempts)

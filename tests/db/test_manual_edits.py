@@ -48,6 +48,8 @@ def publish(db: Conn, queue: str = "q", category: str = "c") -> int:
 def test_finishing_by_hand_notifies_like_complete_job(db: Conn, notes: Notes) -> None:
     by_function = publish(db, "a")
     by_hand = publish(db, "b")
+    publish(db, "a")
+    publish(db, "b")
     db.execute("SELECT claim_next_job('w1')")
     db.execute("SELECT claim_next_job('w1')")
     notes.read()
@@ -59,6 +61,7 @@ def test_finishing_by_hand_notifies_like_complete_job(db: Conn, notes: Notes) ->
     )
     from_hand = notes.read()
 
+    # The queue's next job may run now: workers hear of it either way.
     assert from_function == [
         ("jobs_finished", {"id": by_function, "status": "resolved"}),
         ("jobs", {"queue": "a"}),
@@ -67,8 +70,39 @@ def test_finishing_by_hand_notifies_like_complete_job(db: Conn, notes: Notes) ->
         ("jobs_finished", {"id": by_hand, "status": "resolved"}),
         ("jobs", {"queue": "b"}),
     ]
-    rows = db.execute("SELECT worker, finished_at IS NOT NULL FROM jobs").fetchall()
+    rows = db.execute(
+        "SELECT worker, finished_at IS NOT NULL FROM jobs WHERE id IN (%s, %s)",
+        (by_function, by_hand),
+    ).fetchall()
     assert rows == [(None, True), (None, True)]
+
+
+def test_finishing_a_queues_last_job_wakes_no_worker(db: Conn, notes: Notes) -> None:
+    job = publish(db, "a")
+    db.execute("SELECT claim_next_job('w1')")
+    notes.read()
+
+    db.execute(
+        "UPDATE jobs SET status = 'resolved', result = '5' WHERE id = %s", (job,)
+    )
+
+    assert notes.read() == [("jobs_finished", {"id": job, "status": "resolved"})]
+
+
+def test_claiming_a_queues_next_job_in_the_same_transaction_wakes_no_worker(
+    db: Conn, notes: Notes
+) -> None:
+    first = publish(db, "a")
+    publish(db, "a")
+    db.execute("SELECT claim_next_job('w1')")
+    notes.read()
+
+    db.execute(
+        "SELECT * FROM complete_and_claim_jobs('w1', %s, %s, %s, 1)",
+        ([first], ["resolved"], ["1"]),
+    )
+
+    assert notes.read() == [("jobs_finished", {"id": first, "status": "resolved"})]
 
 
 def test_publish_notifies_once_per_queue_of_a_statement(db: Conn, notes: Notes) -> None:

@@ -17,6 +17,11 @@ SELECT pg_catalog.set_config(
     TRUE
 );
 
+-- The next four helpers are SQL-standard bodies without a SET clause, so
+-- that the planner inlines them into their callers (all of which pin the
+-- search_path): they sit on every claim, completion and notification.
+-- Their references are bound when they are created, not when they run.
+
 -- _advisory_key_space: the first half of this installation's advisory lock
 -- keys for one purpose ('queue', 'worker'); differs between schemas so that
 -- two installations in one database never share a lock.
@@ -24,10 +29,7 @@ CREATE FUNCTION _advisory_key_space(purpose text)
 RETURNS integer
 LANGUAGE sql
 STABLE
-SET search_path FROM CURRENT
-AS $$
-    SELECT hashtext('pyqueue:' || current_schema() || ':' || purpose)
-$$;
+RETURN hashtext('pyqueue:' || current_schema() || ':' || purpose);
 
 -- _channel: the NOTIFY channel called `name` for this installation: the bare
 -- name in public, '<schema>.<name>' elsewhere.
@@ -35,13 +37,10 @@ CREATE FUNCTION _channel(name text)
 RETURNS text
 LANGUAGE sql
 STABLE
-SET search_path FROM CURRENT
-AS $$
-    SELECT CASE current_schema()
-        WHEN 'public' THEN _channel.name
-        ELSE current_schema() || '.' || _channel.name
-    END
-$$;
+RETURN CASE current_schema()
+    WHEN 'public' THEN name
+    ELSE current_schema() || '.' || name
+END;
 
 -- _lock_queue_shared: fence queue `queue` against claimers until this
 -- transaction ends. Taken before a job of the queue becomes runnable, so
@@ -51,12 +50,7 @@ CREATE FUNCTION _lock_queue_shared(queue text)
 RETURNS void
 LANGUAGE sql
 VOLATILE
-SET search_path FROM CURRENT
-AS $$
-    SELECT pg_advisory_xact_lock_shared(
-        _advisory_key_space('queue'), hashtext(_lock_queue_shared.queue)
-    )
-$$;
+RETURN pg_advisory_xact_lock_shared(_advisory_key_space('queue'), hashtext(queue));
 
 -- _try_lock_queue: take the exclusive lock of `queue` until this transaction
 -- ends, or return false at once when a publisher or another claimer holds it.
@@ -64,12 +58,7 @@ CREATE FUNCTION _try_lock_queue(queue text)
 RETURNS boolean
 LANGUAGE sql
 VOLATILE
-SET search_path FROM CURRENT
-AS $$
-    SELECT pg_try_advisory_xact_lock(
-        _advisory_key_space('queue'), hashtext(_try_lock_queue.queue)
-    )
-$$;
+RETURN pg_try_advisory_xact_lock(_advisory_key_space('queue'), hashtext(queue));
 
 -- publish_job: add one job to queue `queue` (NULL means 'default') and return
 -- its id. Runs inside the caller's transaction: the job exists, and workers
@@ -153,34 +142,52 @@ END
 $$;
 
 -- _set_queue_head: record `head_id` as the head of `queue`, or forget the
--- queue when `head_id` is NULL (no waiting job), folding duplicate rows.
--- The caller holds the queue's exclusive lock: no publisher is in flight.
+-- queue when `head_id` is NULL (no waiting job). The caller holds the
+-- queue's exclusive lock: no publisher is in flight.
 CREATE FUNCTION _set_queue_head(queue text, head_id bigint)
 RETURNS void
 LANGUAGE plpgsql
 VOLATILE
 SET search_path FROM CURRENT
 AS $$
-DECLARE
-    v_rows integer;
 BEGIN
     IF _set_queue_head.head_id IS NULL THEN
         DELETE FROM queue_heads AS h WHERE h.queue = _set_queue_head.queue;
+    ELSE
+        UPDATE queue_heads AS h SET head_id = _set_queue_head.head_id
+        WHERE h.queue = _set_queue_head.queue
+            AND h.head_id <> _set_queue_head.head_id;
+    END IF;
+END
+$$;
+
+-- _fold_queue_heads: leave `queue` one row in queue_heads, with its true
+-- head, or none when it has no waiting job; for a queue found twice there.
+-- Only when the queue's exclusive lock is ours or free.
+CREATE FUNCTION _fold_queue_heads(queue text)
+RETURNS void
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_head bigint;
+BEGIN
+    -- Lock: exclusive queue lock, try only.
+    IF NOT _try_lock_queue(_fold_queue_heads.queue) THEN
         RETURN;
     END IF;
 
-    UPDATE queue_heads AS h SET head_id = _set_queue_head.head_id
-    WHERE h.queue = _set_queue_head.queue
-        AND h.head_id <> _set_queue_head.head_id;
+    SELECT j.id INTO v_head
+    FROM jobs AS j
+    WHERE j.queue = _fold_queue_heads.queue AND j.status = 'unfulfilled'
+    ORDER BY j.id
+    LIMIT 1;
 
-    SELECT count(*) INTO v_rows
-    FROM queue_heads AS h
-    WHERE h.queue = _set_queue_head.queue;
-
-    IF v_rows <> 1 THEN
-        DELETE FROM queue_heads AS h WHERE h.queue = _set_queue_head.queue;
+    DELETE FROM queue_heads AS h WHERE h.queue = _fold_queue_heads.queue;
+    IF v_head IS NOT NULL THEN
         INSERT INTO queue_heads (queue, head_id)
-        VALUES (_set_queue_head.queue, _set_queue_head.head_id);
+        VALUES (_fold_queue_heads.queue, v_head);
     END IF;
 END
 $$;
@@ -215,9 +222,11 @@ $$;
 
 -- _claim_in_queue: claim the job of `queue` that must run next for `worker`,
 -- or return NULL when the queue is empty, busy, locked, or its next job has a
--- category not in `categories` (NULL: any).
+-- category not in `categories` (NULL: any). `head_id` is the head that
+-- queue_heads gave; it is corrected when it was only a lower bound.
 CREATE FUNCTION _claim_in_queue(
     queue text,
+    head_id bigint,
     worker text,
     categories text[],
     claim_timeout interval
@@ -255,7 +264,9 @@ BEGIN
         ORDER BY j.id
         LIMIT 1;
 
-        PERFORM _set_queue_head(_claim_in_queue.queue, v_job.id);
+        IF v_job.id IS DISTINCT FROM _claim_in_queue.head_id THEN
+            PERFORM _set_queue_head(_claim_in_queue.queue, v_job.id);
+        END IF;
         IF v_job.id IS NULL THEN
             RETURN NULL;
         END IF;
@@ -290,6 +301,73 @@ BEGIN
 END
 $$;
 
+-- _claim_jobs: claim up to `claim_count` jobs for `worker`, oldest first,
+-- with one walk over queue_heads; claim_next_job's rules and checks.
+CREATE FUNCTION _claim_jobs(
+    worker text,
+    claim_count integer,
+    categories text[],
+    claim_timeout interval
+)
+RETURNS SETOF jobs
+LANGUAGE plpgsql
+VOLATILE
+SET search_path FROM CURRENT
+AS $$
+DECLARE
+    v_queue text;
+    v_head bigint;
+    v_seen text[] := '{}';
+    v_claimed integer := 0;
+    v_job jobs;
+BEGIN
+    IF coalesce(_claim_jobs.worker, '') = '' THEN
+        RAISE EXCEPTION 'worker must not be empty'
+            USING ERRCODE = 'PQ004', HINT = 'pass a name unique to this worker';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'claiming jobs needs read committed, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'PQ003',
+                HINT = 'call it outside an explicit transaction';
+    END IF;
+    IF coalesce(claim_count, 0) < 1 THEN
+        RETURN;
+    END IF;
+
+    -- Queues by their head, oldest first, skipping those running a job whose
+    -- claim holds: at most one probe per running job before a free queue.
+    FOR v_queue, v_head IN
+        SELECT h.queue, h.head_id
+        FROM queue_heads AS h
+        WHERE NOT EXISTS (
+            SELECT
+            FROM jobs AS r
+            WHERE r.queue = h.queue
+                AND r.status = 'unfulfilled'
+                AND r.worker IS NOT NULL
+                AND r.claim_expires_at > now()
+        )
+        ORDER BY h.head_id
+    LOOP
+        IF v_queue = ANY (v_seen) THEN
+            PERFORM _fold_queue_heads(v_queue);
+            CONTINUE;
+        END IF;
+        v_seen := v_seen || v_queue;
+
+        v_job := _claim_in_queue(
+            v_queue, v_head, _claim_jobs.worker, categories, claim_timeout
+        );
+        IF v_job.id IS NOT NULL THEN
+            RETURN NEXT v_job;
+            v_claimed := v_claimed + 1;
+            EXIT WHEN v_claimed >= claim_count;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- claim_next_job: claim the oldest job that may run now, for `worker`, and
 -- return it (no row when there is none). A job may run when it is the oldest
 -- unfinished job of its queue and nothing else of its queue is running; a job
@@ -305,49 +383,15 @@ CREATE FUNCTION claim_next_job(
     claim_timeout interval DEFAULT interval '60 seconds'
 )
 RETURNS SETOF jobs
-LANGUAGE plpgsql
+LANGUAGE sql
 VOLATILE
 SET search_path FROM CURRENT
 AS $$
-DECLARE
-    v_queue text;
-    v_job jobs;
-BEGIN
-    IF coalesce(claim_next_job.worker, '') = '' THEN
-        RAISE EXCEPTION 'worker must not be empty'
-            USING ERRCODE = 'PQ004', HINT = 'pass a name unique to this worker';
-    END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'claim_next_job needs read committed, not %',
-            current_setting('transaction_isolation')
-            USING ERRCODE = 'PQ003',
-                HINT = 'call it outside an explicit transaction';
-    END IF;
-
-    -- Queues by their head, oldest first, skipping those running a job whose
-    -- claim holds: at most one probe per running job before a free queue.
-    FOR v_queue IN
-        SELECT h.queue
-        FROM queue_heads AS h
-        WHERE NOT EXISTS (
-            SELECT
-            FROM jobs AS r
-            WHERE r.queue = h.queue
-                AND r.status = 'unfulfilled'
-                AND r.worker IS NOT NULL
-                AND r.claim_expires_at > now()
-        )
-        ORDER BY h.head_id
-    LOOP
-        v_job := _claim_in_queue(
-            v_queue, claim_next_job.worker, categories, claim_timeout
-        );
-        IF v_job.id IS NOT NULL THEN
-            RETURN NEXT v_job;
-            RETURN;
-        END IF;
-    END LOOP;
-END
+    SELECT *
+    FROM _claim_jobs(
+        claim_next_job.worker, 1, claim_next_job.categories,
+        claim_next_job.claim_timeout
+    )
 $$;
 
 -- complete_job: record the outcome of a job its caller still holds: status
@@ -424,9 +468,6 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path FROM CURRENT
 AS $$
-DECLARE
-    v_job jobs;
-    v_claimed integer := 0;
 BEGIN
     IF cardinality(job_ids) IS DISTINCT FROM cardinality(statuses)
         OR cardinality(job_ids) IS DISTINCT FROM cardinality(results) THEN
@@ -444,17 +485,11 @@ BEGIN
         END IF;
     END LOOP;
 
-    WHILE v_claimed < coalesce(claim_count, 0) LOOP
-        SELECT c.* INTO v_job
-        FROM claim_next_job(
-            complete_and_claim_jobs.worker, categories, claim_timeout
-        ) AS c;
-        EXIT WHEN v_job.id IS NULL;
-
-        v_claimed := v_claimed + 1;
-        RETURN QUERY SELECT 'claimed', v_job.id, v_job.category, v_job.args,
-            v_job.queue, v_job.attempts;
-    END LOOP;
+    RETURN QUERY
+    SELECT 'claimed', c.id, c.category, c.args, c.queue, c.attempts
+    FROM _claim_jobs(
+        complete_and_claim_jobs.worker, claim_count, categories, claim_timeout
+    ) AS c;
 END
 $$;
 
@@ -587,7 +622,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     2,
     'create_job_functions',
-    'sha256:f8662fd0ab3bd14ef96cbada0418afb35d0cbf168a4d9b294d64294b3b051aee'
+    'sha256:8b996403c92fcdcf7eeb733af3e04e5b37e3d04d2e3b9f5ce849028c755acbf0'
 );
 
 COMMIT;

@@ -81,7 +81,9 @@ release_claims(text, bigint[], bigint[]),
 register_worker(text),
 reap_claims(),
 _try_lock_queue(text),
-_claim_in_queue(text, text, text[], interval),
+_claim_jobs(text, integer, text[], interval),
+_claim_in_queue(text, bigint, text, text[], interval),
+_fold_queue_heads(text),
 _set_queue_head(text, bigint),
 _advance_queue_head(text)
 TO pyqueue_worker;

@@ -49,6 +49,10 @@ class Listener:
         self._on_connected()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def start_soon(self) -> None:
+        """Connect and listen in the background, retrying until it works."""
+        self._task = asyncio.get_running_loop().create_task(self._run(first=True))
+
     async def stop(self) -> None:
         """Stop listening and close the connection (which ends its registration)."""
         if self._task is not None:
@@ -59,14 +63,16 @@ class Listener:
             await self._conn.close()
             self._conn = None
 
-    async def _run(self) -> None:
+    async def _run(self, *, first: bool = False) -> None:
         backoff = Backoff()
         while True:
             try:
                 if self._conn is None:
                     self._conn = await _connection.connect(self._dsn)
                     await self._setup(self._conn)
-                    logger.info("listener reconnected")
+                    if not first:
+                        logger.info("listener reconnected")
+                    first = False
                     self._on_connected()
                 backoff.reset()
                 async for note in self._conn.notifies():

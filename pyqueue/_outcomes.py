@@ -24,8 +24,15 @@ Fetch = Callable[[list[int]], Awaitable[list[tuple[int, str, Any]]]]
 class Outcomes:
     """The futures of every watched job, and the task that settles them."""
 
-    def __init__(self, fetch: Fetch, *, poll_interval: float) -> None:
+    def __init__(
+        self,
+        fetch: Fetch,
+        *,
+        poll_interval: float,
+        on_first_watch: Callable[[], None] | None = None,
+    ) -> None:
         self._fetch = fetch
+        self._on_first_watch = on_first_watch
         self._poll_interval = poll_interval
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._due: set[int] = set()
@@ -60,6 +67,9 @@ class Outcomes:
             future = asyncio.get_running_loop().create_future()
             self._futures[job_id] = future
             self._mark_due([job_id])
+            if self._on_first_watch is not None:
+                self._on_first_watch()
+                self._on_first_watch = None
         return asyncio.shield(future)
 
     def notified(self, job_id: int) -> None:

@@ -81,7 +81,14 @@ class Queue:
         self._timeouts: dict[str, float] = {}
         self._statements: dict[str, psycopg.sql.Composed] = {}
         self._pool: AsyncConnectionPool[Any] | None = None
+        # Two listening connections, each only when needed: the worker's
+        # (channel jobs, and its liveness registration) when handlers are
+        # registered; the results' (channel jobs_finished) from the first
+        # `done` awaited. A worker-only process never hears of results.
         self._listener: Listener | None = None
+        self._results_listener: Listener | None = None
+        self._results_heard = False
+        self._dsn_in_use = ""
         self._outcomes: Outcomes | None = None
         self._worker: Worker | None = None
         self._open = False
@@ -158,8 +165,12 @@ class Queue:
             name="pyqueue",
         )
         await self._pool.open()
+        self._dsn_in_use = dsn
+        self._results_heard = False
         self._outcomes = Outcomes(
-            self._fetch_outcomes, poll_interval=self.poll_interval
+            self._fetch_outcomes,
+            poll_interval=self.poll_interval,
+            on_first_watch=self._listen_for_results,
         )
         self._outcomes.start()
         if self._handlers:
@@ -173,19 +184,19 @@ class Queue:
                 poll_interval=self.poll_interval,
                 reap_interval=self.reap_interval,
             )
-        self._listener = Listener(
-            dsn,
-            setup=self._setup_listener,
-            on_notify=self._on_notify,
-            on_connected=self._on_connected,
-            on_disconnected=self._on_disconnected,
-        )
-        try:
-            await self._listener.start()
-        except BaseException:
-            await self._outcomes.stop()
-            await self._pool.close()
-            raise
+            self._listener = Listener(
+                dsn,
+                setup=self._setup_listener,
+                on_notify=self._on_notify,
+                on_connected=self._on_connected,
+                on_disconnected=self._on_disconnected,
+            )
+            try:
+                await self._listener.start()
+            except BaseException:
+                await self._outcomes.stop()
+                await self._pool.close()
+                raise
         if self._worker is not None:
             self._worker.start()
             logger.info(
@@ -220,8 +231,10 @@ class Queue:
             await self._worker.stop(self.shutdown_grace if grace is None else grace)
             logger.info("worker stopped", extra={"worker_id": self.worker_name})
             self._worker = None
-        if self._listener is not None:
-            await self._listener.stop()
+        for listener in (self._listener, self._results_listener):
+            if listener is not None:
+                await listener.stop()
+        self._listener = self._results_listener = None
         if self._outcomes is not None:
             await self._outcomes.stop()
         if self._pool is not None:
@@ -371,22 +384,34 @@ class Queue:
         rows = await self._call("JOB_OUTCOMES", job_ids)
         return [(row[0], row[1], row[2]) for row in rows]
 
+    async def _listen(self, conn: psycopg.AsyncConnection[Any], name: str) -> None:
+        channel = psycopg.sql.Identifier(_sql.channel(name, self.schema))
+        await conn.execute(psycopg.sql.SQL(_sql.LISTEN).format(channel=channel))
+
     async def _setup_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        for name in ("jobs", "jobs_finished"):
-            channel = _sql.channel(name, self.schema)
-            await conn.execute(
-                psycopg.sql.SQL(_sql.LISTEN).format(
-                    channel=psycopg.sql.Identifier(channel)
-                )
-            )
-        if self._worker is not None:
-            await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+        """The worker's listening connection: channel jobs, and liveness."""
+        await self._listen(conn, "jobs")
+        await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+
+    async def _setup_results_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await self._listen(conn, "jobs_finished")
+
+    def _listen_for_results(self) -> None:
+        """Open the results' listening connection (the first `done` awaited)."""
+        self._results_listener = Listener(
+            self._dsn_in_use,
+            setup=self._setup_results_listener,
+            on_notify=self._on_result_notify,
+            on_connected=self._on_results_connected,
+            on_disconnected=lambda: None,
+        )
+        self._results_listener.start_soon()
 
     def _on_notify(self, channel: str, payload: str) -> None:
-        if channel == _sql.channel("jobs", self.schema):
-            if self._worker is not None:
-                self._worker.wake()
-            return
+        if self._worker is not None:
+            self._worker.wake()
+
+    def _on_result_notify(self, channel: str, payload: str) -> None:
         try:
             job_id = int(json.loads(payload)["id"])
         except (ValueError, KeyError, TypeError):
@@ -398,8 +423,17 @@ class Queue:
     def _on_connected(self) -> None:
         if self._worker is not None:
             self._worker.registered(True)
+        self._check_pool()
+
+    def _on_results_connected(self) -> None:
+        # Whatever finished before we listened, or while we were away.
         if self._outcomes is not None:
             self._outcomes.recheck_all()
+        if self._results_heard:
+            self._check_pool()
+        self._results_heard = True
+
+    def _check_pool(self) -> None:
         if self._pool is not None and self._open:
             # A reconnect: the pool's idle connections may have died too.
             task = asyncio.get_running_loop().create_task(self._pool.check())

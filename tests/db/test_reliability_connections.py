@@ -70,7 +70,12 @@ async def injure(kind: str, server: Any, dsn: str) -> int:
                     " AND query NOT LIKE '%%register_worker%%'",
                 )
             if kind == "terminate-listeners":
-                return terminate(db, "query LIKE '%%register_worker%%'")
+                # The workers' listeners, and the publisher's results listener.
+                return terminate(
+                    db,
+                    "query LIKE '%%register_worker%%'"
+                    " OR query LIKE 'LISTEN %%jobs_finished%%'",
+                )
             return terminate(db, "application_name = 'publisher'")
 
     return await asyncio.to_thread(run)
@@ -117,6 +122,14 @@ async def test_every_committed_job_finishes_once_through_the_fault(
     fault = asyncio.Event()
     publishing = asyncio.create_task(publish_all(publisher, fault))
     await fault.wait()
+    # The publisher waits on a result already, so its results listener lives
+    # through the fault too.
+    first = db.execute("SELECT min(id) FROM jobs").fetchone()[0]  # type: ignore[index]
+    early = asyncio.ensure_future(publisher.job(first).done)
+    for _ in range(200):
+        if publisher._results_heard:
+            break
+        await asyncio.sleep(0.025)
     assert await injure(kind, own_server, dsn) != 0
     jobs = await publishing
     results = await asyncio.wait_for(
@@ -124,6 +137,7 @@ async def test_every_committed_job_finishes_once_through_the_fault(
     )
 
     assert results == [n * 2 for n in range(JOBS)]
+    assert await early == 0
     # A fresh connection: a restart ended the fixture's.
     with psycopg.connect(dsn, autocommit=True) as check:
         rows = check.execute("SELECT id, status FROM jobs ORDER BY id").fetchall()

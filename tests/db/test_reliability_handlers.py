@@ -159,8 +159,10 @@ class DeafQueue(Queue):
     """A Queue whose listener never LISTENs, as behind a pooling proxy."""
 
     async def _setup_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if self._worker is not None:
-            await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+        await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+
+    async def _setup_results_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        pass
 
 
 async def test_work_and_results_proceed_by_polling_without_notifications(

@@ -13,15 +13,29 @@ from .errors import (
 from .interface import JobLike, QueueLike
 from .job import Job
 from .queue import Queue
+from .worker import (
+    JobAbandoned,
+    JobEvent,
+    JobFinished,
+    JobLostClaim,
+    JobStarted,
+    Observer,
+)
 
 __all__ = [
     "ConnectionFailed",
     "InvalidJob",
     "Job",
+    "JobAbandoned",
     "JobDeleted",
+    "JobEvent",
+    "JobFinished",
     "JobLike",
+    "JobLostClaim",
     "JobRejected",
+    "JobStarted",
     "MigrationError",
+    "Observer",
     "PyqueueError",
     "Queue",
     "QueueLike",

@@ -3,6 +3,11 @@
 It hands each notification to a callback, and after every (re)connect runs a
 setup callback (LISTEN, register the worker) and a "reconnected" callback, so
 that whatever was missed while away is looked at again.
+
+Behind a transaction-pooling proxy with no direct connection, a Listener
+instead holds a session without listening: its setup runs in a transaction
+that it keeps open (the proxy then pins one server connection to it) and
+renews every ``keepalive_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 Setup = Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
 
+# Linux never gives a process an id above 2**22 (PID_MAX_LIMIT); a proxy such
+# as PgBouncer hands its clients a random one instead of the server's.
+_MAX_SERVER_PID = 2**22
+
 
 class Listener:
     """Keeps one LISTENing connection alive and dispatches its notifications."""
@@ -33,9 +42,18 @@ class Listener:
         on_notify: Callable[[str, str], None],
         on_connected: Callable[[], None],
         on_disconnected: Callable[[], None],
+        connect_kwargs: dict[str, Any] | None = None,
+        keepalive: Setup | None = None,
+        keepalive_interval: float = 5.0,
+        expect_direct: bool = True,
     ) -> None:
         self._dsn = dsn
         self._setup = setup
+        self._connect_kwargs = connect_kwargs or {}
+        self._keepalive = keepalive
+        self._keepalive_interval = keepalive_interval
+        # Warn once when a connection expected to be direct looks proxied.
+        self._warned = not expect_direct or keepalive is not None
         self._on_notify = on_notify
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
@@ -44,7 +62,7 @@ class Listener:
 
     async def start(self) -> None:
         """Connect and set up once (errors propagate), then listen in the background."""
-        self._conn = await _connection.connect(self._dsn)
+        self._conn = await self._connect()
         await self._setup(self._conn)
         self._on_connected()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -63,18 +81,36 @@ class Listener:
             await self._conn.close()
             self._conn = None
 
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await _connection.connect(self._dsn, **self._connect_kwargs)
+        if not self._warned and not 0 < conn.info.backend_pid <= _MAX_SERVER_PID:
+            # LISTEN and a session lock through transaction pooling land on
+            # whichever server connection the proxy picks, and stay there.
+            self._warned = True
+            logger.warning(
+                "listening through what looks like a connection pooler (backend"
+                " pid %d); if it pools by transaction, pass listen_dsn= a direct"
+                " connection, or transaction_pooling=True",
+                conn.info.backend_pid,
+            )
+        return conn
+
     async def _run(self, *, first: bool = False) -> None:
         backoff = Backoff()
         while True:
             try:
                 if self._conn is None:
-                    self._conn = await _connection.connect(self._dsn)
+                    self._conn = await self._connect()
                     await self._setup(self._conn)
                     if not first:
                         logger.info("listener reconnected")
                     first = False
                     self._on_connected()
                 backoff.reset()
+                if self._keepalive is not None:
+                    while True:
+                        await asyncio.sleep(self._keepalive_interval)
+                        await self._keepalive(self._conn)
                 async for note in self._conn.notifies():
                     self._on_notify(note.channel, note.payload)
             except asyncio.CancelledError:

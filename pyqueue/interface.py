@@ -15,9 +15,12 @@ and is therefore not part of the protocol.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, Self, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, overload
 
 from .errors import InvalidJob
+
+if TYPE_CHECKING:
+    from .worker import JobEvent
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -63,6 +66,13 @@ class QueueLike(Protocol):
     @property
     def categories(self) -> list[str]:
         """The categories this queue has handlers for."""
+        ...
+
+    def observe(
+        self, observer: Callable[[JobEvent], object]
+    ) -> Callable[[JobEvent], object]:
+        """Call `observer` with each JobEvent of this queue's worker, on the
+        event loop; returns it (a decorator too). One that raises is logged."""
         ...
 
     async def open(self) -> None:

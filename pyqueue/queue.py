@@ -1,8 +1,15 @@
 """Queue: the Python face of pyqueue: register handlers, publish, await results.
 
-A Queue holds a connection pool for calls of the stored functions, one
-listening connection for notifications, the futures behind ``Job.done``
+A Queue holds a connection pool for calls of the stored functions, up to two
+listening connections for notifications, the futures behind ``Job.done``
 (``_outcomes.Outcomes``) and, when handlers are registered, a Worker.
+
+Behind a transaction-pooling proxy (PgBouncer ``pool_mode = transaction``)
+the pool's calls work as they are, each one statement in autocommit; what
+needs a session (LISTEN, and the worker's liveness registration, a session
+advisory lock) goes to ``listen_dsn``. Without one, nothing listens: work
+and results are found by polling, and the worker keeps its registration in
+a transaction it holds open through the proxy.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from ._outcomes import Outcomes
 from .errors import ConnectionFailed, InvalidJob, QueueNotOpen
 from .interface import category_of
 from .job import Job
-from .worker import Handler, Worker
+from .worker import Handler, Observer, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,16 @@ class Queue:
     ``poll_interval``: seconds at most that a missed notification delays work.
     ``reap_interval``: how often to give back the claims of dead workers.
     ``shutdown_grace``: seconds ``close()`` lets running jobs finish.
+    ``listen_dsn``: where to LISTEN and hold the worker's registration: a
+    direct connection to the server (or a session-pooling proxy); None means
+    ``dsn``, unless ``transaction_pooling``.
+    ``transaction_pooling``: ``dsn`` leads to a proxy that pools by
+    transaction. Without ``listen_dsn``, nothing LISTENs (work and results
+    are found every ``poll_interval``) and a worker registers inside a
+    transaction kept open through the proxy, pinning one server connection.
+    ``prepare_threshold``: executions of a statement before psycopg prepares
+    it on the server; None never prepares, which transaction pooling needs
+    before PgBouncer 1.21 (or with its ``max_prepared_statements = 0``).
     """
 
     def __init__(
@@ -60,6 +77,9 @@ class Queue:
         reap_interval: float = 2.0,
         shutdown_grace: float = 30.0,
         worker_name: str | None = None,
+        listen_dsn: str | None = None,
+        transaction_pooling: bool = False,
+        prepare_threshold: int | None = 5,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
@@ -74,11 +94,15 @@ class Queue:
         self.poll_interval = poll_interval
         self.reap_interval = reap_interval
         self.shutdown_grace = shutdown_grace
+        self.listen_dsn = listen_dsn
+        self.transaction_pooling = transaction_pooling
+        self.prepare_threshold = prepare_threshold
         self.worker_name = worker_name or (
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
         self._handlers: dict[str, Handler] = {}
         self._timeouts: dict[str, float] = {}
+        self._observers: list[Observer] = []
         self._statements: dict[str, psycopg.sql.Composed] = {}
         self._pool: AsyncConnectionPool[Any] | None = None
         # Two listening connections, each only when needed: the worker's
@@ -89,6 +113,7 @@ class Queue:
         self._results_listener: Listener | None = None
         self._results_heard = False
         self._dsn_in_use = ""
+        self._listen_dsn_in_use: str | None = None
         self._outcomes: Outcomes | None = None
         self._worker: Worker | None = None
         self._open = False
@@ -131,6 +156,17 @@ class Queue:
         """The categories this Queue has handlers for."""
         return sorted(self._handlers)
 
+    def observe(self, observer: Observer) -> Observer:
+        """Call `observer` with each JobEvent of this Queue's worker (JobStarted,
+        then one of JobFinished, JobLostClaim, JobAbandoned), on the event
+        loop, as it happens; returns it, so it also works as a decorator.
+
+        An observer must be quick and must not block (it runs on the event
+        loop, between jobs); one that raises is logged and changes nothing.
+        """
+        self._observers.append(observer)
+        return observer
+
     # -- life cycle -----------------------------------------------------------
 
     async def open(self) -> None:
@@ -148,7 +184,7 @@ class Queue:
             dsn = await asyncio.to_thread(_embedded.dsn)
         self._statements = {}  # composed on first use, for this schema
 
-        conn = await _connection.connect(dsn)
+        conn = await _connection.connect(dsn, **self._connect_kwargs())
         try:
             if embedded:
                 await migrations.migrate(conn, schema=self.schema)
@@ -160,12 +196,15 @@ class Queue:
             dsn,
             min_size=1,
             max_size=self.concurrency + 2,
-            kwargs=dict(_connection.CONNECT_KWARGS),
+            kwargs={**_connection.CONNECT_KWARGS, **self._connect_kwargs()},
             open=False,
             name="pyqueue",
         )
         await self._pool.open()
         self._dsn_in_use = dsn
+        self._listen_dsn_in_use = self.listen_dsn or (
+            None if self.transaction_pooling else dsn
+        )
         self._results_heard = False
         self._outcomes = Outcomes(
             self._fetch_outcomes,
@@ -183,14 +222,9 @@ class Queue:
                 claim_timeout=self.claim_timeout,
                 poll_interval=self.poll_interval,
                 reap_interval=self.reap_interval,
+                observers=self._observers,
             )
-            self._listener = Listener(
-                dsn,
-                setup=self._setup_listener,
-                on_notify=self._on_notify,
-                on_connected=self._on_connected,
-                on_disconnected=self._on_disconnected,
-            )
+            self._listener = self._worker_listener(dsn)
             try:
                 await self._listener.start()
             except BaseException:
@@ -396,14 +430,60 @@ class Queue:
     async def _setup_results_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._listen(conn, "jobs_finished")
 
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {"prepare_threshold": self.prepare_threshold}
+
+    def _worker_listener(self, dsn: str) -> Listener:
+        """The worker's session: LISTEN and registration on the listening
+        DSN, or, with none behind a transaction pooler, registration alone in
+        a transaction held open through it."""
+        if self._listen_dsn_in_use is not None:
+            return Listener(
+                self._listen_dsn_in_use,
+                setup=self._setup_listener,
+                on_notify=self._on_notify,
+                on_connected=self._on_connected,
+                on_disconnected=self._on_disconnected,
+                expect_direct=self.listen_dsn is None,
+            )
+        # A session advisory lock taken through transaction pooling would stay
+        # on a server connection that the proxy lends to others and may close
+        # at any time (the reapers would then give back our running claims).
+        # Inside an open transaction the proxy keeps that server connection
+        # ours, and closes it when we go: the lock lives exactly as long as
+        # this worker's connection, as on a direct session. The transaction
+        # takes no snapshot between statements, so it holds back no vacuum.
+        return Listener(
+            dsn,
+            setup=self._register_in_transaction,
+            on_notify=self._on_notify,
+            on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
+            connect_kwargs={"autocommit": False, "prepare_threshold": None},
+            keepalive=self._register_in_transaction,
+            keepalive_interval=min(5.0, self.claim_timeout / 4),
+        )
+
+    async def _register_in_transaction(
+        self, conn: psycopg.AsyncConnection[Any]
+    ) -> None:
+        # Registering again in the same session succeeds (the lock is
+        # re-entrant); every call keeps the transaction from looking idle to
+        # idle_in_transaction_session_timeout.
+        await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+
     def _listen_for_results(self) -> None:
-        """Open the results' listening connection (the first `done` awaited)."""
+        """Open the results' listening connection (the first `done` awaited);
+        with no listening DSN, results are found by polling alone."""
+        if self._listen_dsn_in_use is None:
+            return
         self._results_listener = Listener(
-            self._dsn_in_use,
+            self._listen_dsn_in_use,
             setup=self._setup_results_listener,
             on_notify=self._on_result_notify,
             on_connected=self._on_results_connected,
             on_disconnected=lambda: None,
+            expect_direct=self.listen_dsn is None,
         )
         self._results_listener.start_soon()
 

@@ -30,7 +30,7 @@ from .errors import InvalidJob, QueueNotOpen
 from .interface import Handler, category_of
 from .job import Job
 from .queue import _to_json
-from .worker import Worker
+from .worker import Observer, Worker
 
 if TYPE_CHECKING:
     from .interface import QueueLike
@@ -221,6 +221,7 @@ class MemoryQueue:
         self.worker_name = worker_name or f"memory:{uuid.uuid4().hex[:8]}"
         self._handlers: dict[str, Handler] = {}
         self._timeouts: dict[str, float] = {}
+        self._observers: list[Observer] = []
         self._table = _Table(self._finished)
         self._outcomes: Outcomes | None = None
         self._worker: Worker | None = None
@@ -263,6 +264,11 @@ class MemoryQueue:
         """The categories this queue has handlers for."""
         return sorted(self._handlers)
 
+    def observe(self, observer: Observer) -> Observer:
+        """Call `observer` with each JobEvent, as ``Queue.observe`` does."""
+        self._observers.append(observer)
+        return observer
+
     # -- life cycle -----------------------------------------------------------
 
     async def open(self) -> None:
@@ -283,6 +289,7 @@ class MemoryQueue:
                 claim_timeout=60.0,
                 poll_interval=1.0,
                 reap_interval=60.0,
+                observers=self._observers,
             )
             self._worker.registered(True)
             self._worker.start()

@@ -7,6 +7,11 @@ many jobs as there are free slots, in one round trip and one commit, so that
 under load one commit stands for many jobs. Besides, the worker keeps its
 claims alive (``renew_claims``), gives back the claims of dead workers
 (``reap_claims``), and on shutdown gives back its own (``release_claims``).
+
+Observers (``Queue.observe``) see each job it runs as events: JobStarted,
+then exactly one of JobFinished (its outcome is stored), JobLostClaim (its
+outcome was discarded) or JobAbandoned (it stopped without an outcome and
+will run again), each with the handler's duration, for metrics.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 
@@ -36,6 +41,63 @@ Handler = Callable[[Any], Any]
 # Seconds shutdown waits, past the grace period, for outcomes being recorded.
 COMPLETE_GRACE = 5.0
 Call = Callable[..., Awaitable[list[tuple[Any, ...]]]]
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    """The worker claimed a job and is calling its handler."""
+
+    job_id: int
+    category: str
+    queue: str
+    worker_id: str
+    attempt: int
+    """1 on the first run; more when a job runs again (a worker died, a
+    claim was lost, or an operator set it back to unfulfilled)."""
+
+
+@dataclass(frozen=True)
+class JobFinished:
+    """A job's outcome is stored: it is resolved or rejected."""
+
+    job_id: int
+    category: str
+    queue: str
+    worker_id: str
+    status: Literal["resolved", "rejected"]
+    duration: float
+    """Seconds the handler ran (wall clock, from its call to its outcome)."""
+    error_type: str | None
+    """For a rejected job, the class name of the handler's exception."""
+
+
+@dataclass(frozen=True)
+class JobLostClaim:
+    """The worker no longer held the job's claim when its handler finished
+    (the claim expired, or an operator edited the row): the outcome was
+    discarded; the job is, or was, run elsewhere."""
+
+    job_id: int
+    category: str
+    queue: str
+    worker_id: str
+    duration: float
+
+
+@dataclass(frozen=True)
+class JobAbandoned:
+    """The handler stopped without a stored outcome (shutdown past its grace
+    period, or an outcome the database cannot store): the job runs again."""
+
+    job_id: int
+    category: str
+    queue: str
+    worker_id: str
+    duration: float
+
+
+JobEvent = JobStarted | JobFinished | JobLostClaim | JobAbandoned
+Observer = Callable[[JobEvent], object]
 
 
 def serialize_error(exc: BaseException) -> dict[str, str]:
@@ -61,8 +123,11 @@ class Worker:
         claim_timeout: float,
         poll_interval: float,
         reap_interval: float,
+        observers: list[Observer] | None = None,
     ) -> None:
         self._call = call
+        # The caller's list itself: an observer added later is called too.
+        self._observers = observers if observers is not None else []
         self._handlers = handlers
         self._timeouts = timeouts or {}
         self.worker_id = worker_id
@@ -220,6 +285,8 @@ class Worker:
         for job_id, outcome in batch.items():
             if job_id in refused:
                 self._claim_lost_at_completion(job_id, outcome)
+            else:
+                self._finished(job_id, outcome)
             if not outcome.recorded.done():
                 outcome.recorded.set_result(None)
 
@@ -241,7 +308,7 @@ class Worker:
                     extra={"job_id": job_id, "queue": queue},
                 )
             task = asyncio.get_running_loop().create_task(
-                self._run_job(job_id, category, args, queue)
+                self._run_job(job_id, category, args, queue, attempts)
             )
             self._running[job_id] = task
         return claimed
@@ -278,8 +345,12 @@ class Worker:
 
     # -- running --------------------------------------------------------------
 
-    async def _run_job(self, job_id: int, category: str, args: Any, queue: str) -> None:
+    async def _run_job(
+        self, job_id: int, category: str, args: Any, queue: str, attempt: int = 1
+    ) -> None:
         started = time.monotonic()
+        outcome: _Outcome | None = None
+        self._emit(JobStarted(job_id, category, queue, self.worker_id, attempt))
         handling = asyncio.get_running_loop().create_task(
             self._outcome(job_id, category, args)
         )
@@ -295,18 +366,29 @@ class Worker:
                 return
             finally:
                 self._handling.pop(job_id, None)
+            duration = time.monotonic() - started
             logger.debug(
                 "job %d %s in %.3fs",
                 job_id,
                 status,
-                time.monotonic() - started,
+                duration,
                 extra={"job_id": job_id, "queue": queue, "status": status},
             )
-            outcome = _Outcome(queue, status, result)
+            outcome = _Outcome(queue, status, result, category, duration)
             self._outcomes[job_id] = outcome
             self._wake.set()
             await outcome.recorded
         finally:
+            if outcome is None or not outcome.told:
+                self._emit(
+                    JobAbandoned(
+                        job_id,
+                        category,
+                        queue,
+                        self.worker_id,
+                        time.monotonic() - started,
+                    )
+                )
             self._running.pop(job_id, None)
             self._lost.discard(job_id)
             self._wake.set()
@@ -385,17 +467,55 @@ class Worker:
                 status, result = "rejected", json.dumps(serialize_error(error))
         if not rows[0][0]:
             self._claim_lost_at_completion(job_id, outcome)
+        else:
+            outcome.status, outcome.result = status, result
+            self._finished(job_id, outcome)
+
+    def _finished(self, job_id: int, outcome: _Outcome) -> None:
+        """The database stored `outcome`: tell the observers."""
+        status: Literal["resolved", "rejected"] = (
+            "resolved" if outcome.status == "resolved" else "rejected"
+        )
+        error_type = None
+        if status == "rejected":
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                error_type = str(json.loads(outcome.result)["type"])
+        outcome.told = True
+        self._emit(
+            JobFinished(
+                job_id,
+                outcome.category,
+                outcome.queue,
+                self.worker_id,
+                status,
+                outcome.duration,
+                error_type,
+            )
+        )
 
     def _claim_lost_at_completion(self, job_id: int, outcome: _Outcome) -> None:
         if outcome.retried:
             # An earlier call with this outcome failed after it may have
             # committed: the refusal may be our own completion.
+            # FIXME: when it was not ours, observers hear JobFinished with an
+            # outcome that someone else's replaced.
             logger.info(
                 "job %d was finished already; a retried outcome is discarded",
                 job_id,
                 extra={"job_id": job_id, "queue": outcome.queue},
             )
+            self._finished(job_id, outcome)
             return
+        outcome.told = True
+        self._emit(
+            JobLostClaim(
+                job_id,
+                outcome.category,
+                outcome.queue,
+                self.worker_id,
+                outcome.duration,
+            )
+        )
         logger.warning(
             "claim on job %d lost; its result is discarded",
             job_id,
@@ -468,6 +588,19 @@ class Worker:
                 extra={"worker_id": self.worker_id},
             )
 
+    def _emit(self, event: JobEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                logger.error(
+                    "observer %r failed on %s",
+                    observer,
+                    type(event).__name__,
+                    exc_info=True,
+                    extra={"job_id": event.job_id, "worker_id": self.worker_id},
+                )
+
     def _log_db_error(self, what: str, exc: BaseException) -> None:
         if is_transient(exc):
             logger.info("%s: %s", what, exc, extra={"worker_id": self.worker_id})
@@ -482,7 +615,11 @@ class _Outcome:
     queue: str
     status: str
     result: str
+    category: str = ""
+    duration: float = 0.0
     retried: bool = False
+    # Whether observers heard how the job ended (finished or lost).
+    told: bool = False
     recorded: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

@@ -451,8 +451,12 @@ class Queue:
         # at any time (the reapers would then give back our running claims).
         # Inside an open transaction the proxy keeps that server connection
         # ours, and closes it when we go: the lock lives exactly as long as
-        # this worker's connection, as on a direct session. The transaction
-        # takes no snapshot between statements, so it holds back no vacuum.
+        # this worker's connection, as on a direct session. It writes nothing;
+        # between statements it keeps the last one's catalog snapshot, so it
+        # holds vacuum's horizon back by at most the keepalive interval.
+        # TODO: it pins one server connection per worker (PgBouncer's
+        # default_pool_size must exceed the number of such workers) and makes
+        # PgBouncer's PAUSE wait until the worker stops; listen_dsn avoids both.
         return Listener(
             dsn,
             setup=self._register_in_transaction,

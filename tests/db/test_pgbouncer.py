@@ -206,3 +206,53 @@ async def test_listening_through_a_pooler_by_mistake_logs_a_warning(
             pass
 
     assert any("looks like a connection pooler" in r.message for r in caplog.records)
+
+
+async def test_registration_through_pgbouncer_outlives_idle_in_transaction_timeout(
+    make_queue: Callable[..., Queue],
+    pooled_dsn: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    # The held transaction re-registers every claim_timeout / 4 seconds, which
+    # keeps it from looking idle to the server's timeout: the same session
+    # holds the registration throughout, and the running job keeps its claim.
+    statement = db.execute(
+        "SELECT format('ALTER DATABASE %I SET"
+        " idle_in_transaction_session_timeout = %L', current_database(), '1s')"
+    ).fetchone()
+    assert statement is not None
+    db.execute(statement[0])
+    holder = (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
+        " AND objid = hashtext('pinned-worker')::oid"
+    )
+    started = asyncio.Event()
+    release = asyncio.Event()
+    events: list[Any] = []
+
+    async def slow(_: Any) -> str:
+        started.set()
+        await release.wait()
+        return "done"
+
+    worker = pooled_queue(
+        make_queue, pooled_dsn, claim_timeout=2.0, worker_name="pinned-worker"
+    )
+    worker.register("slow", slow)
+    worker.observe(events.append)
+
+    async with worker:
+        job = await worker.publish("slow")
+        await asyncio.wait_for(started.wait(), WAIT)
+        first_holder = db.execute(holder).fetchall()
+        # Three times the timeout, reaping all along.
+        for _ in range(10):
+            db.execute("SELECT reap_claims()")
+            await asyncio.sleep(0.3)
+        last_holder = db.execute(holder).fetchall()
+        release.set()
+        assert await asyncio.wait_for(job.done, WAIT) == "done"
+
+    assert len(first_holder) == 1
+    assert last_holder == first_holder
+    assert [type(event).__name__ for event in events] == ["JobStarted", "JobFinished"]

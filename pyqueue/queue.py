@@ -26,17 +26,17 @@ from typing import Any, TypeVar, overload
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from . import _connection, _embedded, _sql, migrations
+from . import _connection, _embedded, _payloads, _sql, migrations
 from ._listener import Listener
 from ._outcomes import Outcomes
+from ._registry import HandlerRegistry
 from .errors import ConnectionFailed, InvalidJob, QueueNotOpen
 from .interface import category_of
 from .job import Job
-from .worker import Handler, Observer, Worker
+from .worker import Handler, Worker
 
 logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
 
 ENV_DSN = "PYQUEUE_DSN"
@@ -44,7 +44,7 @@ ENV_DSN = "PYQUEUE_DSN"
 _SQLSTATE_INVALID = {"PQ001", "PQ005", "22P02"}
 
 
-class Queue:
+class Queue(HandlerRegistry):
     """A job queue in one PostgreSQL schema.
 
     ``dsn``: a libpq connection string or URI; None means ``$PYQUEUE_DSN``,
@@ -100,9 +100,7 @@ class Queue:
         self.worker_name = worker_name or (
             f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         )
-        self._handlers: dict[str, Handler] = {}
-        self._timeouts: dict[str, float] = {}
-        self._observers: list[Observer] = []
+        super().__init__()
         self._statements: dict[str, psycopg.sql.Composed] = {}
         self._pool: AsyncConnectionPool[Any] | None = None
         # Two listening connections, each only when needed: the worker's
@@ -119,53 +117,6 @@ class Queue:
         self._open = False
         self._closing: asyncio.Future[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-
-    # -- handlers -------------------------------------------------------------
-
-    def register(
-        self, category: str, handler: Handler, *, timeout: float | None = None
-    ) -> None:
-        """Run `handler` (async or plain def, one argument: the job's args) for
-        jobs of `category`. With `timeout`, a run longer than that many seconds
-        rejects the job with a TimeoutError. Register before ``open()``."""
-        if not category:
-            raise ValueError("category must not be empty")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
-        if self._open:
-            raise RuntimeError("register handlers before the queue is opened")
-        self._handlers[category] = handler
-        if timeout is None:
-            self._timeouts.pop(category, None)
-        else:
-            self._timeouts[category] = timeout
-
-    def handler(
-        self, category: str, *, timeout: float | None = None
-    ) -> Callable[[F], F]:
-        """Decorator form of ``register``."""
-
-        def decorate(fn: F) -> F:
-            self.register(category, fn, timeout=timeout)
-            return fn
-
-        return decorate
-
-    @property
-    def categories(self) -> list[str]:
-        """The categories this Queue has handlers for."""
-        return sorted(self._handlers)
-
-    def observe(self, observer: Observer) -> Observer:
-        """Call `observer` with each JobEvent of this Queue's worker (JobStarted,
-        then one of JobFinished, JobLostClaim, JobAbandoned), on the event
-        loop, as it happens; returns it, so it also works as a decorator.
-
-        An observer must be quick and must not block (it runs on the event
-        loop, between jobs); one that raises is logged and changes nothing.
-        """
-        self._observers.append(observer)
-        return observer
 
     # -- life cycle -----------------------------------------------------------
 
@@ -334,9 +285,8 @@ class Queue:
         """
         if not isinstance(category, str):
             category = category_of(self._handlers, category)
-        payload = _to_json(args, what="args")
-        if not category:
-            raise InvalidJob(f"job category must not be empty, got {category!r}")
+        payload = _payloads.to_json(args, what="args")
+        _payloads.check_category(category)
         rows = await self._execute(
             "PUBLISH_JOB", (category, payload, queue_name), connection=connection
         )
@@ -354,17 +304,7 @@ class Queue:
         `queue_name` is one name for all, or one per job. Returns the jobs in
         input order; the same transaction rules and errors as ``publish``.
         """
-        pairs = list(jobs)
-        categories = [category for category, _ in pairs]
-        payloads = [_to_json(args, what="args") for _, args in pairs]
-        if isinstance(queue_name, str) or queue_name is None:
-            queues = [queue_name] * len(pairs)
-        else:
-            queues = list(queue_name)
-        if len(queues) != len(pairs):
-            raise InvalidJob(f"got {len(pairs)} jobs but {len(queues)} queue names")
-        if not all(categories):
-            raise InvalidJob("job category must not be empty")
+        categories, payloads, queues = _payloads.batch(jobs, queue_name)
         rows = await self._execute(
             "PUBLISH_JOBS", (categories, payloads, queues), connection=connection
         )
@@ -527,12 +467,3 @@ class Queue:
     def _on_disconnected(self) -> None:
         if self._worker is not None:
             self._worker.registered(False)
-
-
-def _to_json(value: Any, *, what: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidJob(f"job {what} are not JSON-serializable: {exc}") from exc

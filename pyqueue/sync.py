@@ -29,10 +29,10 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from . import _connection, _sql
+from . import _connection, _payloads, _sql
 from ._connection import Backoff
 from .errors import ConnectionFailed, InvalidJob, JobDeleted, JobRejected
-from .queue import _SQLSTATE_INVALID, ENV_DSN, _to_json
+from .queue import _SQLSTATE_INVALID, ENV_DSN
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,8 @@ def publish(
     an empty category or args that are not JSON-serializable; ConnectionFailed
     when the connection is lost. Any number of publishers may run at once.
     """
-    payload = _to_json(args, what="args")
-    if not category:
-        raise InvalidJob(f"job category must not be empty, got {category!r}")
+    payload = _payloads.to_json(args, what="args")
+    _payloads.check_category(category)
     rows = _execute(connection, "PUBLISH_JOB", (category, payload, queue_name), schema)
     return int(rows[0][0])
 
@@ -74,17 +73,7 @@ def publish_many(
     `queue_name` is one name for all, or one per job. The same transaction
     rules and errors as ``publish``.
     """
-    pairs = list(jobs)
-    categories = [category for category, _ in pairs]
-    payloads = [_to_json(args, what="args") for _, args in pairs]
-    if isinstance(queue_name, str) or queue_name is None:
-        queues: list[str | None] = [queue_name] * len(pairs)
-    else:
-        queues = list(queue_name)
-    if len(queues) != len(pairs):
-        raise InvalidJob(f"got {len(pairs)} jobs but {len(queues)} queue names")
-    if not all(categories):
-        raise InvalidJob("job category must not be empty")
+    categories, payloads, queues = _payloads.batch(jobs, queue_name)
     rows = _execute(connection, "PUBLISH_JOBS", (categories, payloads, queues), schema)
     return [int(row[0]) for row in rows]
 

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import _payloads
 from ._outcomes import Outcomes
-from .errors import InvalidJob, QueueNotOpen
+from ._registry import HandlerRegistry
+from .errors import QueueNotOpen
 from .interface import Handler, category_of
 from .job import Job
-from .queue import _to_json
-from .worker import Observer, Worker
+from .worker import Worker
 
 if TYPE_CHECKING:
     from .interface import QueueLike
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
 
 __all__ = ["JobRecord", "MemoryQueue"]
@@ -199,7 +199,7 @@ class _Table:
         return True
 
 
-class MemoryQueue:
+class MemoryQueue(HandlerRegistry):
     """A queue that lives in this process; see the module docstring.
 
     ``concurrency``: jobs (of different queues) it runs at once.
@@ -219,55 +219,12 @@ class MemoryQueue:
         self.concurrency = concurrency
         self.shutdown_grace = shutdown_grace
         self.worker_name = worker_name or f"memory:{uuid.uuid4().hex[:8]}"
-        self._handlers: dict[str, Handler] = {}
-        self._timeouts: dict[str, float] = {}
-        self._observers: list[Observer] = []
+        super().__init__()
         self._table = _Table(self._finished)
         self._outcomes: Outcomes | None = None
         self._worker: Worker | None = None
         self._open = False
         self._closing: asyncio.Future[None] | None = None
-
-    # -- handlers -------------------------------------------------------------
-
-    def register(
-        self, category: str, handler: Handler, *, timeout: float | None = None
-    ) -> None:
-        """Run `handler` (async or plain def, one argument: the job's args) for
-        jobs of `category`. With `timeout`, a run longer than that many seconds
-        rejects the job with a TimeoutError. Register before ``open()``."""
-        if not category:
-            raise ValueError("category must not be empty")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
-        if self._open:
-            raise RuntimeError("register handlers before the queue is opened")
-        self._handlers[category] = handler
-        if timeout is None:
-            self._timeouts.pop(category, None)
-        else:
-            self._timeouts[category] = timeout
-
-    def handler(
-        self, category: str, *, timeout: float | None = None
-    ) -> Callable[[F], F]:
-        """Decorator form of ``register``."""
-
-        def decorate(fn: F) -> F:
-            self.register(category, fn, timeout=timeout)
-            return fn
-
-        return decorate
-
-    @property
-    def categories(self) -> list[str]:
-        """The categories this queue has handlers for."""
-        return sorted(self._handlers)
-
-    def observe(self, observer: Observer) -> Observer:
-        """Call `observer` with each JobEvent, as ``Queue.observe`` does."""
-        self._observers.append(observer)
-        return observer
 
     # -- life cycle -----------------------------------------------------------
 
@@ -367,9 +324,8 @@ class MemoryQueue:
         handler or args that are not JSON-serializable."""
         if not isinstance(category, str):
             category = category_of(self._handlers, category)
-        payload = _to_json(args, what="args")
-        if not category:
-            raise InvalidJob(f"job category must not be empty, got {category!r}")
+        payload = _payloads.to_json(args, what="args")
+        _payloads.check_category(category)
         self._check_open()
         job_id = self._table.insert(category, payload, queue_name)
         self._wake()
@@ -383,17 +339,7 @@ class MemoryQueue:
     ) -> list[Job[Any]]:
         """Publish (category, args) pairs in order, all or none; returns the
         jobs in input order. `queue_name` is one name for all, or one per job."""
-        pairs = list(jobs)
-        categories = [category for category, _ in pairs]
-        payloads = [_to_json(args, what="args") for _, args in pairs]
-        if isinstance(queue_name, str) or queue_name is None:
-            queues: list[str | None] = [queue_name] * len(pairs)
-        else:
-            queues = list(queue_name)
-        if len(queues) != len(pairs):
-            raise InvalidJob(f"got {len(pairs)} jobs but {len(queues)} queue names")
-        if not all(categories):
-            raise InvalidJob("job category must not be empty")
+        categories, payloads, queues = _payloads.batch(jobs, queue_name)
         self._check_open()
         ids = [
             self._table.insert(category, payload, queue)

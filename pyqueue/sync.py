@@ -226,8 +226,12 @@ def _payload_id(notify: psycopg.Notify) -> int | None:
 
 
 def _connect(dsn: str) -> psycopg.Connection[Any]:
+    # Never prepared server-side: the few statements of a wait gain nothing,
+    # and a transaction pooler (PgBouncer < 1.21) cannot carry them.
     try:
-        return psycopg.connect(dsn, **_connection.CONNECT_KWARGS)
+        return psycopg.connect(
+            dsn, **_connection.CONNECT_KWARGS, prepare_threshold=None
+        )
     except psycopg.ProgrammingError as exc:
         raise ValueError(f"invalid DSN: {exc}; check dsn= or {ENV_DSN}") from exc
     except psycopg.OperationalError as exc:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pgserver
 
 from pyqueue import Queue, migrations
+from pyqueue.testing import MemoryQueue
 
 TEMPLATE = "pyqueue_template"
 _server: pgserver.LocalServer | pgserver.ExternalServer | None = None
@@ -112,3 +113,29 @@ async def make_queue(dsn: str) -> AsyncIterator[Callable[..., Queue]]:
     yield make
     for queue in made:
         await queue.close(grace=1.0)
+
+
+@pytest.fixture
+async def make_memory_queue() -> AsyncIterator[Callable[..., MemoryQueue]]:
+    """Build MemoryQueues; closed after the test."""
+    made: list[MemoryQueue] = []
+
+    def make(**options: Any) -> MemoryQueue:
+        options.setdefault("shutdown_grace", 5.0)
+        queue = MemoryQueue(**options)
+        made.append(queue)
+        return queue
+
+    yield make
+    for queue in made:
+        await queue.close(grace=1.0)
+
+
+@pytest.fixture(params=["postgres", "memory"])
+def make_any_queue(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """A factory of Queues (the real one, then the in-memory one)."""
+    if request.param == "postgres":
+        factory: Callable[..., Any] = request.getfixturevalue("make_queue")
+    else:
+        factory = request.getfixturevalue("make_memory_queue")
+    return factory

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from pyqueue import (
     JobStarted,
     Queue,
 )
-from pyqueue.testing import MemoryQueue
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -31,31 +30,6 @@ sys.path.insert(0, str(ROOT))
 from examples import prometheus_metrics, tasks  # noqa: E402
 
 WAIT = 60.0
-
-
-@pytest.fixture
-async def make_memory_queue() -> AsyncIterator[Callable[..., MemoryQueue]]:
-    made: list[MemoryQueue] = []
-
-    def make(**options: Any) -> MemoryQueue:
-        options.setdefault("shutdown_grace", 5.0)
-        queue = MemoryQueue(**options)
-        made.append(queue)
-        return queue
-
-    yield make
-    for queue in made:
-        await queue.close(grace=1.0)
-
-
-@pytest.fixture(params=["postgres", "memory"])
-def make_any_queue(request: pytest.FixtureRequest) -> Callable[..., Any]:
-    """Queues of both implementations: they run the same Worker."""
-    if request.param == "postgres":
-        factory: Callable[..., Any] = request.getfixturevalue("make_queue")
-    else:
-        factory = request.getfixturevalue("make_memory_queue")
-    return factory
 
 
 def fail(message: str) -> None:

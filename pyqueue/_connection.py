@@ -43,10 +43,23 @@ async def connect(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
             f"invalid DSN: {exc}; check --dsn or PYQUEUE_DSN"
         ) from exc
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+        reason = failure_reason(exc)
         raise ConnectionFailed(
             f"cannot connect to {describe(dsn)!r}: {reason}; check --dsn or PYQUEUE_DSN"
         ) from exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The gist of a failed connection attempt, for a one-line message.
+
+    libpq says `connection to server at "db" (10.0.0.5), port 5432 failed:
+    Connection refused`, then a hint on a line of its own; keep the reason.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return "no answer"
+    reason = lines[0].rsplit("failed:", 1)[-1].strip() or lines[0]
+    return reason[:1].lower() + reason[1:]
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -235,7 +235,7 @@ def _connect(dsn: str) -> psycopg.Connection[Any]:
     except psycopg.ProgrammingError as exc:
         raise ValueError(f"invalid DSN: {exc}; check dsn= or {ENV_DSN}") from exc
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+        reason = _connection.failure_reason(exc)
         raise ConnectionFailed(
             f"cannot connect to {_connection.describe(dsn)!r}: {reason}; "
             f"check dsn= or {ENV_DSN}"

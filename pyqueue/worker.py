@@ -319,8 +319,9 @@ class Worker:
         """A cycle's call failed: keep its outcomes for the next one (one by
         one when the database refused the batch's data)."""
         if claimed:
-            # TODO: the call may have committed with its reply lost; its
-            # claims are given back at the next cycle that claims.
+            # The call may have committed with its reply lost: its claims
+            # are given back at the next cycle that claims (release_claims
+            # keeping the jobs this worker runs).
             self._maybe_orphaned = True
         if is_transient(exc) or not isinstance(exc, psycopg.DataError):
             self._log_db_error("claim failed", exc)

@@ -58,7 +58,7 @@ tg_jobs_after_insert(),
 tg_jobs_before_update(),
 tg_jobs_after_update(),
 tg_jobs_queue_changed(),
-_announce_queue(text),
+_announce_queues(text[]),
 tg_jobs_after_delete()
 TO pyqueue_publisher, pyqueue_worker;
 
@@ -82,10 +82,10 @@ register_worker(text),
 reap_claims(),
 _try_lock_queue(text),
 _claim_jobs(text, integer, text[], interval),
-_claim_in_queue(text, bigint, text, text[], interval),
-_fold_queue_heads(text),
-_set_queue_head(text, bigint),
-_advance_queue_head(text)
+_claim_in_queues(text[], text, text[], interval),
+_complete_jobs(text, bigint[], text[], jsonb[]),
+_refresh_queue_heads(text[]),
+_fold_queue_heads(text)
 TO pyqueue_worker;
 GRANT UPDATE (status, result, worker, claimed_at, claim_expires_at, attempts)
 ON jobs TO pyqueue_worker;

@@ -105,6 +105,59 @@ def test_claiming_a_queues_next_job_in_the_same_transaction_wakes_no_worker(
     assert notes.read() == [("jobs_finished", {"id": first, "status": "resolved"})]
 
 
+def test_a_batch_of_completions_notifies_like_one_completion_each(
+    db: Conn, notes: Notes
+) -> None:
+    a1, b1, c1 = publish(db, "a"), publish(db, "b"), publish(db, "c")
+    a2, b2 = publish(db, "a"), publish(db, "b")
+    for _ in range(3):
+        db.execute("SELECT claim_next_job('w1')")
+    db.execute("UPDATE jobs SET status = 'resolved', result = '0' WHERE id = %s", (c1,))
+    notes.read()
+
+    # One claim for three freed queues: a's next job is the oldest.
+    rows = db.execute(
+        "SELECT event, id FROM complete_and_claim_jobs('w1', %s, %s, %s, 1)",
+        ([a1, b1, c1], ["resolved", "rejected", "resolved"], ["1", "{}", "1"]),
+    ).fetchall()
+
+    assert rows == [("refused", c1), ("claimed", a2)]
+    # Each stored outcome is told; of the freed queues, only b has a job that
+    # another worker may claim now; the refused c1 sends nothing.
+    assert sorted(notes.read(), key=str) == [
+        ("jobs", {"queue": "b"}),
+        ("jobs_finished", {"id": a1, "status": "resolved"}),
+        ("jobs_finished", {"id": b1, "status": "rejected"}),
+    ]
+    assert db.execute("SELECT status FROM jobs WHERE id = %s", (b2,)).fetchone() == (
+        "unfulfilled",
+    )
+
+
+def test_a_hand_edit_after_a_completion_in_one_transaction_still_notifies(
+    db: Conn, notes: Notes
+) -> None:
+    a1, b1 = publish(db, "a"), publish(db, "b")
+    publish(db, "b")
+    db.execute("SELECT claim_next_job('w1')")
+    db.execute("SELECT claim_next_job('w1')")
+    notes.read()
+
+    # complete_job sends its own notifications and silences the row triggers
+    # meanwhile; an edit after it must be heard as usual.
+    with db.transaction():
+        db.execute("SELECT complete_job(%s, 'w1', 'resolved', '1')", (a1,))
+        db.execute(
+            "UPDATE jobs SET status = 'rejected', result = '{}' WHERE id = %s", (b1,)
+        )
+
+    assert sorted(notes.read(), key=str) == [
+        ("jobs", {"queue": "b"}),
+        ("jobs_finished", {"id": a1, "status": "resolved"}),
+        ("jobs_finished", {"id": b1, "status": "rejected"}),
+    ]
+
+
 def test_publish_notifies_once_per_queue_of_a_statement(db: Conn, notes: Notes) -> None:
     db.execute(
         "SELECT publish_jobs(ARRAY['c', 'c', 'c'], ARRAY['1', '2', '3']::jsonb[],"

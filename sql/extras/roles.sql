@@ -82,8 +82,7 @@ register_worker(text),
 reap_claims(),
 _try_lock_queue(text),
 _claim_jobs(text, integer, text[], interval),
-_claim_in_queues(text[], text, text[], interval),
-_complete_jobs(text, bigint[], text[], jsonb[]),
+_claim_in_queues(text[], bigint[], text, text[], interval),
 _refresh_queue_heads(text[]),
 _fold_queue_heads(text)
 TO pyqueue_worker;

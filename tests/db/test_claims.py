@@ -93,6 +93,25 @@ def test_job_of_open_publishing_transaction_runs_before_younger_ones(
     assert claim(other, "w2") == older
 
 
+def test_a_completion_does_not_let_a_younger_job_pass_one_being_published(
+    db: Conn, other: Conn, dsn: str
+) -> None:
+    first = publish(db, "q")
+    assert claim(db, "w1") == first
+    with psycopg.connect(dsn, autocommit=True) as third:
+        with other.transaction():
+            older = publish(other, "q")
+            younger = publish(third, "q")
+            # The completion moves q's head past `older`, which it cannot see.
+            assert complete(db, first, "w1")
+            assert claim(third, "w3") is None
+
+        assert claim(third, "w3") == older
+        assert db.execute("SELECT head_id FROM queue_heads").fetchall() == [(older,)]
+        assert complete(third, older, "w3")
+        assert claim(third, "w3") == younger
+
+
 def test_rolled_back_publish_leaves_nothing_to_claim(db: Conn, other: Conn) -> None:
     with pytest.raises(psycopg.errors.RaiseException), db.transaction():
         publish(db, "q")

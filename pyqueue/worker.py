@@ -40,6 +40,10 @@ Handler = Callable[[Any], Any]
 
 # Seconds shutdown waits, past the grace period, for outcomes being recorded.
 COMPLETE_GRACE = 5.0
+# Loop turns a cycle waits at most for handlers about to finish (see
+# Worker._let_handlers_finish), so that a handler that never yields cannot
+# hold a cycle back.
+GATHER_TURNS = 8
 Call = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -235,6 +239,7 @@ class Worker:
         backoff = Backoff()
         categories = sorted(self._handlers)
         while True:
+            await self._let_handlers_finish()
             self._wake.clear()
             batch = dict(self._outcomes)
             self._outcomes.clear()
@@ -275,6 +280,25 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self._idle_delay())
             except TimeoutError:
                 logger.debug("poll", extra={"worker_id": self.worker_id})
+
+    async def _let_handlers_finish(self) -> None:
+        """Yield to handlers a few loop turns from their outcome, so that
+        one call carries all of them rather than the first few.
+
+        Short jobs claimed together finish a turn or two apart. Without
+        this, the first outcome starts the call and the rest wait a whole
+        round trip for the next one, holding their slots: in W1 of `make
+        bench` a call carried five outcomes instead of ten, and two worker
+        processes ran 12% fewer jobs/s. Stops at the first turn that brings
+        no outcome, so a lone job waits one turn.
+        """
+        for _ in range(GATHER_TURNS):
+            waiting = len(self._outcomes)
+            if waiting >= len(self._running) - len(self._recording):
+                return
+            await asyncio.sleep(0)
+            if len(self._outcomes) == waiting:
+                return
 
     def _cycle_done(
         self, batch: dict[int, _Outcome], rows: list[tuple[Any, ...]]

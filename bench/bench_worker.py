@@ -6,7 +6,9 @@ Protocol with bench/run.py over stdin/stdout, one line each:
   worker -> "open <unix time>"       open() returned
   run    -> "stop"                   drained; close the queue and report
   worker -> "report <json>"          counters: stored-function calls by name,
-                                     notifications by channel, CPU seconds
+                                     notifications by channel, CPU seconds;
+                                     with --record-completions, when each
+                                     job's completing call returned
 The counters wrap Queue._call (count and wall time) and Queue._on_notify of
 this process only, so that a benchmark can say how many round trips and
 notifications a job costs without touching the package.
@@ -28,12 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pyqueue import Queue
 
+# --record-completions: job id -> when the call that recorded its outcome
+# returned (unix time), for W3's commit-to-done latency.
+COMPLETED: dict[int, float] = {}
 CALLS: collections.Counter[str] = collections.Counter()
 CALL_SECONDS: collections.Counter[str] = collections.Counter()
 NOTIFIES: collections.Counter[str] = collections.Counter()
 
 
-def _count_calls() -> None:
+def _count_calls(record_completions: bool) -> None:
     call = Queue._call
     on_notify = Queue._on_notify
 
@@ -41,9 +46,14 @@ def _count_calls() -> None:
         CALLS[name] += 1
         started = time.perf_counter()
         try:
-            return await call(self, name, *params)
+            rows = await call(self, name, *params)
         finally:
             CALL_SECONDS[name] += time.perf_counter() - started
+        if record_completions and name == "COMPLETE_AND_CLAIM_JOBS":
+            returned = time.time()
+            for job_id in params[1]:
+                COMPLETED[job_id] = returned
+        return rows
 
     def counting_notify(self, channel, payload):  # type: ignore[no-untyped-def]
         NOTIFIES[channel] += 1
@@ -80,9 +90,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--sync-handler", action="store_true")
     parser.add_argument("--profile", help="write cProfile stats to this file")
+    parser.add_argument("--record-completions", action="store_true")
     options = parser.parse_args()
 
-    _count_calls()
+    _count_calls(options.record_completions)
     queue = Queue(options.dsn, concurrency=options.concurrency)
     queue.register("increment", increment_sync if options.sync_handler else increment)
     queue.register("stamp", stamp)
@@ -106,6 +117,7 @@ def main() -> None:
         "calls": dict(CALLS),
         "call_seconds": dict(CALL_SECONDS),
         "notifies": dict(NOTIFIES),
+        "completed": COMPLETED,
         "cpu_user_s": after.ru_utime - before.ru_utime,
         "cpu_sys_s": after.ru_stime - before.ru_stime,
     }

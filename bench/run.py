@@ -148,6 +148,13 @@ class Bench:
                 total += int(fields[11]) + int(fields[12])
         return total / tick
 
+    @staticmethod
+    def machine_cpu() -> tuple[float, float]:
+        """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+        fields = [float(v) for v in Path("/proc/stat").read_text().split()[1:9]]
+        idle = fields[3] + fields[4]  # idle, iowait
+        return sum(fields) - idle, sum(fields)
+
     def db_stats(self, dsn: str) -> dict[str, float]:
         """Cumulative counters of the database behind `dsn`, and the WAL's."""
         row = self.query(
@@ -187,10 +194,13 @@ class Workers:
         *,
         profile: str | None = None,
         sync_handler: bool = False,
+        record_completions: bool = False,
     ) -> None:
         extra = ["--profile", profile] if profile else []
         if sync_handler:
             extra.append("--sync-handler")
+        if record_completions:
+            extra.append("--record-completions")
         self.procs = [
             subprocess.Popen(
                 [sys.executable, str(WORKER), dsn, *extra],
@@ -245,6 +255,7 @@ def drain(
     workers = Workers(dsn, processes, profile=profile, sync_handler=sync_handler)
     before = bench.db_stats(dsn)
     cpu_before = bench.server_cpu()
+    machine_before = bench.machine_cpu()
     polls = 0
     started = workers.go()
     workers.wait_open()
@@ -267,6 +278,7 @@ def drain(
             (started,),
         ).fetchone()
     cpu_after = bench.server_cpu()
+    machine_after = bench.machine_cpu()
     reports = workers.stop()
     time.sleep(0.5)  # exiting backends flush their statistics
     after = bench.db_stats(dsn)
@@ -318,6 +330,10 @@ def drain(
         per_job["wal_fsyncs"] = (after["wal_fsyncs"] - before["wal_fsyncs"]) / jobs
     per_job["worker_cpu_ms"] = worker_cpu * 1000 / jobs
     per_job["server_cpu_ms"] = (cpu_after - cpu_before) * 1000 / jobs
+    # Not per job: the share of all cores busy (anyone's) during the drain,
+    # so that a figure near 1 says the machine, not the queue, was the limit.
+    busy, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+    per_job["machine_cpu_busy_share"] = busy / total if total else 0.0
     return {
         "seconds": elapsed,
         "jobs_per_s": jobs / elapsed,
@@ -352,9 +368,12 @@ def reset(bench: Bench, dsn: str) -> None:
 
 
 def run_w1(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
+    """W1, and W4 when chosen: their runs alternate, so that the ratio W4 / W1
+    compares runs seconds apart (this machine's speed drifts over minutes)."""
     dsn = bench.new_database("bench_w1")
+    history_dsn = _preload_history(bench, sizes) if "w4" in sizes["chosen"] else None
     n, queues = sizes["w1_jobs"], sizes["w1_queues"]
-    rates, publishes, costs = [], [], []
+    rates, publishes, costs, history_rates = [], [], [], []
     for r in range(sizes["repeats"]):
         reset(bench, dsn)
         seconds = publish(dsn, n, queues)
@@ -367,9 +386,19 @@ def run_w1(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
             f"W1 run {r + 1}: drained in {figures['seconds']:.1f}s,"
             f" {figures['jobs_per_s']:.0f} jobs/s"
         )
+        if history_dsn is not None:
+            # The previous run's jobs join the history; only the queue must
+            # be empty.
+            publish(history_dsn, n, queues)
+            history = drain(bench, history_dsn, n, 1)
+            history_rates.append(history["jobs_per_s"])
+            results["w4_per_job"] = history["per_job"]
+            progress(f"W4 run {r + 1}: {history['jobs_per_s']:.0f} jobs/s")
     results["w1_jobs_per_s"] = summary(rates)
     results["publish_jobs_per_s"] = summary(publishes)
     results["w1_per_job"] = costs[-1]
+    if history_rates:
+        results["w4_jobs_per_s"] = summary(history_rates)
 
 
 def run_w2(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
@@ -387,7 +416,11 @@ def run_w2(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
     results["w2_per_job"] = costs[-1]
 
 
-async def latency_run(dsn: str, jobs: int) -> dict[str, list[float]]:
+async def latency_run(
+    dsn: str, jobs: int
+) -> tuple[dict[str, list[float]], list[tuple[int, float]]]:
+    """Publish `jobs` one at a time, each after the previous one's done;
+    return the latencies and when each job's done returned (id, unix time)."""
     pickup, done, after_finish = [], [], []
     async with Queue(dsn) as queue:
         for i in range(jobs + 5):
@@ -411,7 +444,8 @@ async def latency_run(dsn: str, jobs: int) -> dict[str, list[float]]:
             )
             finished_at = dict(await cursor.fetchall())
     gap = [(t - finished_at[job_id]) * 1000 for job_id, t in after_finish]
-    return {"pickup_ms": pickup, "done_ms": done, "finished_at_to_done_ms": gap}
+    latencies = {"pickup_ms": pickup, "done_ms": done, "finished_at_to_done_ms": gap}
+    return latencies, after_finish
 
 
 def run_w3(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
@@ -419,12 +453,18 @@ def run_w3(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
     figures: dict[str, dict[str, list[float]]] = {}
     for r in range(sizes["repeats"]):
         reset(bench, dsn)
-        workers = Workers(dsn, 1)
+        workers = Workers(dsn, 1, record_completions=True)
         workers.go()
         workers.wait_open()
         time.sleep(0.5)  # let the worker go idle
-        run = asyncio.run(latency_run(dsn, sizes["w3_jobs"]))
-        workers.stop()
+        run, done_at = asyncio.run(latency_run(dsn, sizes["w3_jobs"]))
+        committed = workers.stop()[0]["completed"]
+        # From the moment the worker's completing call returned (its commit
+        # is flushed and acknowledged) to the moment the publisher's done
+        # returned: the notification, the publisher's wake-up and its read.
+        run["commit_to_done_ms"] = [
+            (t - committed[str(job_id)]) * 1000 for job_id, t in done_at
+        ]
         for name, values in run.items():
             for p in (50, 95, 99):
                 figures.setdefault(f"{name}_p{p}", {}).setdefault("v", []).append(
@@ -438,7 +478,8 @@ def run_w3(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
         results[f"w3_{name}"] = summary(holder["v"])
 
 
-def run_w4(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
+def _preload_history(bench: Bench, sizes: dict[str, Any]) -> str:
+    """W4's database: `w4_history` finished jobs over W1's queues, vacuumed."""
     dsn = bench.new_database("bench_w4")
     history = sizes["w4_history"]
     progress(f"W4: preloading {history:,} finished jobs")
@@ -452,16 +493,7 @@ def run_w4(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
         (history,),
     )
     bench.query(dsn, "VACUUM ANALYZE jobs")
-    n, queues = sizes["w1_jobs"], sizes["w1_queues"]
-    rates = []
-    for r in range(sizes["repeats"]):
-        # The previous run's jobs join the history; only the queue must be empty.
-        publish(dsn, n, queues)
-        figures = drain(bench, dsn, n, 1)
-        rates.append(figures["jobs_per_s"])
-        progress(f"W4 run {r + 1}: {figures['jobs_per_s']:.0f} jobs/s")
-    results["w4_jobs_per_s"] = summary(rates)
-    results["w4_per_job"] = figures["per_job"]
+    return dsn
 
 
 def run_w5(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
@@ -617,6 +649,8 @@ def report(results: dict[str, Any], info: dict[str, Any], quick: bool) -> None:
         ("W3 publish->done p99", "w3_done_ms_p99", "ms"),
         ("W3 finished_at->done p50", "w3_finished_at_to_done_ms_p50", "ms"),
         ("W3 finished_at->done p99", "w3_finished_at_to_done_ms_p99", "ms"),
+        ("W3 worker's commit->done p50", "w3_commit_to_done_ms_p50", "ms"),
+        ("W3 worker's commit->done p99", "w3_commit_to_done_ms_p99", "ms"),
         ("W4 W1 over history", "w4_jobs_per_s", "jobs/s"),
     ]
     rows += [
@@ -697,16 +731,17 @@ def main() -> None:
             f" load average {info['loadavg_start'][0]:.2f}"
         )
         results: dict[str, Any] = {}
+        sizes["chosen"] = chosen
+        # W4 runs inside W1's step, alternating with it.
         steps = {
             "ceiling": run_ceiling,
             "w1": run_w1,
             "w2": run_w2,
             "w3": run_w3,
-            "w4": run_w4,
             "w5": run_w5,
         }
         for name, step in steps.items():
-            if name in chosen:
+            if name in chosen or (name == "w1" and "w4" in chosen):
                 progress(f"{name} ...")
                 step(bench, sizes, results)
         if "w1" in chosen and "w5" in chosen and "w5_1p_jobs_per_s" not in results:

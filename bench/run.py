@@ -14,6 +14,9 @@ concurrency=10 and an async handler returning its argument plus one. A drain
 is timed from the moment the workers are told to open their queues to the
 last finished_at in the table.
 
+Runs that a ratio compares alternate where they can (W1 with W4, and W5's
+process counts), since this machine's speed drifts over minutes.
+
 The server is migrated from sql/ when the run starts and every Queue checks
 the checksums again when it opens: a tree whose sql/ changes during a run
 fails it (benchmark a clean checkout, e.g. `git archive HEAD`, on a shared
@@ -497,21 +500,24 @@ def _preload_history(bench: Bench, sizes: dict[str, Any]) -> str:
 
 
 def run_w5(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
+    """W1 with 1, 2, 4... worker processes; a round of every count per repeat,
+    so that the ratios compare runs seconds apart."""
     dsn = bench.new_database("bench_w5")
     n, queues = sizes["w1_jobs"], sizes["w1_queues"]
-    for processes in sizes["w5_processes"]:
-        rates = []
-        for r in range(sizes["w5_repeats"]):
+    rates: dict[int, list[float]] = {p: [] for p in sizes["w5_processes"]}
+    for r in range(sizes["w5_repeats"]):
+        for processes in sizes["w5_processes"]:
             reset(bench, dsn)
             publish(dsn, n, queues)
             figures = drain(bench, dsn, n, processes)
-            rates.append(figures["jobs_per_s"])
+            rates[processes].append(figures["jobs_per_s"])
+            results[f"w5_{processes}p_per_job"] = figures["per_job"]
             progress(
                 f"W5 {processes} processes run {r + 1}:"
                 f" {figures['jobs_per_s']:.0f} jobs/s"
             )
-        results[f"w5_{processes}p_jobs_per_s"] = summary(rates)
-        results[f"w5_{processes}p_per_job"] = figures["per_job"]
+    for processes, values in rates.items():
+        results[f"w5_{processes}p_jobs_per_s"] = summary(values)
 
 
 # -- the ceiling ---------------------------------------------------------------

@@ -41,7 +41,7 @@ Handler = Callable[[Any], Any]
 # Seconds shutdown waits, past the grace period, for outcomes being recorded.
 COMPLETE_GRACE = 5.0
 # Loop turns a cycle waits at most for handlers about to finish (see
-# Worker._let_handlers_finish), so that a handler that never yields cannot
+# Worker._let_handlers_finish), so that a steady stream of outcomes cannot
 # hold a cycle back.
 GATHER_TURNS = 8
 Call = Callable[..., Awaitable[list[tuple[Any, ...]]]]

@@ -294,7 +294,7 @@ class Worker:
         """
         for _ in range(GATHER_TURNS):
             waiting = len(self._outcomes)
-            if waiting >= len(self._running) - len(self._recording):
+            if waiting >= len(self._running):
                 return
             await asyncio.sleep(0)
             if len(self._outcomes) == waiting:

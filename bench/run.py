@@ -687,8 +687,10 @@ def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
         return results[key]["median"] if key in results else None
 
     out: dict[str, float] = {}
-    three = [med(f"ceiling_three_tx_{c}c_jobs_per_s") for c in sizes["pgbench_clients"]]
-    best_three = max((v for v in three if v), default=None)
+    clients = sizes["pgbench_clients"]
+    three = [v for c in clients if (v := med(f"ceiling_three_tx_{c}c_jobs_per_s"))]
+    one = [v for c in clients if (v := med(f"ceiling_one_tx_{c}c_jobs_per_s"))]
+    best_three = max(three, default=None)
     one_1c = med("ceiling_one_tx_1c_jobs_per_s")
     w1, w2, w4 = med("w1_jobs_per_s"), med("w2_jobs_per_s"), med("w4_jobs_per_s")
     if w1 and best_three:
@@ -704,16 +706,10 @@ def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
                 out[f"W5 {p} processes / 1 process"] = rate / w5[1]  # type: ignore[operator]
     # W5's scale-out target holds "until the ceiling": these say how far past
     # the best pgbench run of any kind one and two processes already are.
-    every = [
-        med(f"ceiling_{kind}_{c}c_jobs_per_s")
-        for kind in ("three_tx", "one_tx")
-        for c in sizes["pgbench_clients"]
-    ]
-    best = max((v for v in every if v), default=None)
-    if best:
-        for p in (1, 2):
-            if w5.get(p):
-                out[f"W5 {p} process(es) / best ceiling of all"] = w5[p] / best  # type: ignore[operator]
+    best = max(three + one, default=None)
+    for p in (1, 2):
+        if best and (rate := w5.get(p)):
+            out[f"W5 {p} process(es) / best ceiling of all"] = rate / best
     return out
 
 

@@ -63,13 +63,14 @@ tg_jobs_after_delete()
 TO pyqueue_publisher, pyqueue_worker;
 
 -- Publisher: insert new jobs, naming only category, args and queue (the
--- defaults fill in the rest), and enter their queue in queue_heads.
+-- defaults fill in the rest), and enter their queue in queue_heads (or, for
+-- a plain INSERT that raced a claimer, lower its head: migration 0006).
 GRANT EXECUTE ON FUNCTION
 publish_job(text, jsonb, text),
 publish_jobs(text[], jsonb[], text[])
 TO pyqueue_publisher;
 GRANT INSERT (category, args, queue) ON jobs TO pyqueue_publisher;
-GRANT SELECT, INSERT ON queue_heads TO pyqueue_publisher;
+GRANT SELECT, INSERT, UPDATE (head_id) ON queue_heads TO pyqueue_publisher;
 
 -- Worker: claim, renew, complete and give back jobs; keep queue_heads.
 GRANT EXECUTE ON FUNCTION

@@ -125,3 +125,49 @@ def test_batch_calls_read_a_few_pages_whatever_the_statistics(
     # A scan that reads the backlog (20,000 waiting jobs) touches a hundred
     # pages or more; lookups by key touch a handful.
     assert heavy_scans_of_jobs(plans, pages=40) == []
+
+
+@pytest.fixture
+def churned(db: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
+    """One busy queue between two vacuums: 20,000 of its jobs finished since
+    the last one, each leaving a dead entry in the index of waiting jobs in
+    front of the queue's live ones. Autovacuum is kept off for the test."""
+    db.execute("ALTER TABLE jobs SET (autovacuum_enabled = off)")
+    db.execute(
+        "SELECT count(*) FROM publish_jobs("
+        " array_fill('c'::text, ARRAY[%(n)s]),"
+        " array_fill('1'::jsonb, ARRAY[%(n)s]),"
+        " array_fill('busy'::text, ARRAY[%(n)s]))",
+        {"n": CHURNED + 20},
+    )
+    db.execute("VACUUM ANALYZE jobs")
+    db.execute(
+        "UPDATE jobs SET status = 'resolved', result = '1' WHERE id <= %s",
+        (CHURNED,),
+    )
+    # Finished by hand, not by a worker: the head stays at the first job
+    # until a claimer moves it, reading the queue once from its start.
+    db.execute("SELECT id FROM claim_next_job('w1')")
+    return db
+
+
+CHURNED = 20_000
+
+
+def test_busy_queue_reads_a_few_pages_however_many_jobs_finished_since_vacuum(
+    churned: psycopg.Connection[Any], plans: list[str]
+) -> None:
+    churned.execute("SELECT set_config('auto_explain.log_analyze', 'on', false)")
+    churned.execute("SELECT set_config('auto_explain.log_buffers', 'on', false)")
+    held = [CHURNED + 1]
+    for _ in range(8):
+        rows = churned.execute(
+            "SELECT event, id FROM complete_and_claim_jobs('w1', %s, %s, %s, 5)",
+            (held, ["resolved"] * len(held), ["1"] * len(held)),
+        ).fetchall()
+        held = [job_id for event, job_id in rows if event == "claimed"]
+        assert len(held) == 1
+    assert held == [CHURNED + 9]
+
+    # The queue's 20,000 dead entries fill some eighty index pages.
+    assert heavy_scans_of_jobs(plans, pages=20) == []

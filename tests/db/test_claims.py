@@ -3,6 +3,8 @@ interleaving: one job at a time per queue, in id order, fenced claims."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,7 +104,8 @@ def test_a_completion_does_not_let_a_younger_job_pass_one_being_published(
         with other.transaction():
             older = publish(other, "q")
             younger = publish(third, "q")
-            # The completion moves q's head past `older`, which it cannot see.
+            # The completion cannot take q's lock while `older` is being
+            # published, so q's head stays where it was, below `older`.
             assert complete(db, first, "w1")
             assert claim(third, "w3") is None
 
@@ -110,6 +113,60 @@ def test_a_completion_does_not_let_a_younger_job_pass_one_being_published(
         assert db.execute("SELECT head_id FROM queue_heads").fetchall() == [(older,)]
         assert complete(third, older, "w3")
         assert claim(third, "w3") == younger
+
+
+def test_a_plain_insert_older_than_its_queue_head_still_runs(
+    db: Conn, other: Conn, dsn: str
+) -> None:
+    """A plain INSERT draws its id before it takes its queue's lock: a
+    completer can move the head past it meanwhile. Its insert trigger then
+    lowers the head again, or claims, which search from the head, would
+    never see it."""
+    first = publish(db, "q")
+    assert claim(db, "w1") == first
+    inserted: list[int] = []
+
+    def insert_slowly() -> None:
+        # Two rows: the first draws its id, the second waits a while, and
+        # the trigger (which takes the lock) runs after both.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "INSERT INTO jobs (category, queue)"
+                " SELECT 'c', 'q' FROM generate_series(1, 2) AS g"
+                " WHERE CASE WHEN g = 1 THEN TRUE"
+                " ELSE (SELECT TRUE FROM pg_sleep(1)) END"
+                " RETURNING id"
+            ).fetchall()
+            inserted.extend(row[0] for row in rows)
+
+    slow = threading.Thread(target=insert_slowly)
+    slow.start()
+    try:
+        wait_for_sleep(other)
+        younger = publish(other, "q")  # drawn after the slow INSERT's first id
+        assert complete(db, first, "w1")  # moves q's head to `younger`
+        assert db.execute("SELECT head_id FROM queue_heads").fetchall() == [(younger,)]
+    finally:
+        slow.join()
+
+    older, youngest = sorted(inserted)
+    assert older < younger < youngest
+    for job in (older, younger, youngest):
+        assert claim(other, "w2") == job
+        assert complete(other, job, "w2")
+    assert claim(other, "w2") is None
+
+
+def wait_for_sleep(conn: Conn) -> None:
+    """Return once some other session sits in pg_sleep."""
+    for _ in range(200):
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+        ).fetchone()
+        if row and row[0]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the slow INSERT never reached its sleep")
 
 
 def test_rolled_back_publish_leaves_nothing_to_claim(db: Conn, other: Conn) -> None:

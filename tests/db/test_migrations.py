@@ -28,11 +28,19 @@ def psql_binary() -> str:
     return found
 
 
-def psql(dsn: str, *args: str, stdin: str | None = None, schema: str | None = None):
+def psql(
+    dsn: str,
+    *args: str,
+    stdin: str | None = None,
+    schema: str | None = None,
+    options: str | None = None,
+):
     env = dict(os.environ)
     if schema is not None:
         # As the DBA procedure documents it: the install schema, pg_temp last.
         env["PGOPTIONS"] = f"-c search_path={schema},\\ pg_temp"
+    if options is not None:
+        env["PGOPTIONS"] = options
     return subprocess.run(
         [psql_binary(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn, *args],
         input=stdin,
@@ -274,3 +282,37 @@ async def test_queue_refuses_a_database_that_is_behind_and_does_not_migrate_it(
     assert "run: pyqueue migrate" in str(caught.value)
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
         assert len(ledger(conn)) == len(SQL_FILES) - 1
+
+
+def test_0006_lowers_heads_a_completer_of_0005_left_past_a_waiting_job(
+    empty_dsn: str,
+) -> None:
+    lowering = next(path for path in SQL_FILES if path.name.startswith("0006_"))
+    for path in SQL_FILES:
+        if path.name < lowering.name:
+            psql(empty_dsn, "-f", str(path))
+    with psycopg.connect(empty_dsn, autocommit=True) as db:
+        published = db.execute(
+            "SELECT publish_jobs(array_fill('c'::text, ARRAY[4]),"
+            " array_fill(NULL::jsonb, ARRAY[4]), ARRAY['q', 'q', 'q', 'r'])"
+        )
+        ids = [row[0] for row in published.fetchall()]
+        # What 0005 could leave behind: q's head past its oldest waiting
+        # job (moved while that job's publisher was in flight); and, for
+        # good measure, r with no row at all.
+        db.execute("UPDATE queue_heads SET head_id = %s WHERE queue = 'q'", (ids[2],))
+        db.execute("DELETE FROM queue_heads WHERE queue = 'r'")
+
+    # Whatever isolation the DBA's session defaults to.
+    psql(
+        empty_dsn,
+        "-f",
+        str(lowering),
+        options="-c default_transaction_isolation=repeatable\\ read",
+    )
+
+    with psycopg.connect(empty_dsn, autocommit=True) as db:
+        heads = db.execute("SELECT queue, head_id FROM queue_heads ORDER BY queue")
+        assert heads.fetchall() == [("q", ids[0]), ("r", ids[3])]
+        claimed = db.execute("SELECT id FROM claim_next_job('w1')").fetchone()
+        assert claimed == (ids[0],)

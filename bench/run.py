@@ -60,7 +60,7 @@ FULL = {
     "w4_history": 500_000,
     "w5_processes": [1, 2, 4],
     "repeats": 3,
-    "w5_repeats": 2,
+    "w5_repeats": 3,
     "pgbench_seconds": 6,
     "pgbench_clients": [1, 4, 16],
 }

@@ -108,30 +108,38 @@ def test_claiming_a_queues_next_job_in_the_same_transaction_wakes_no_worker(
 def test_a_batch_of_completions_notifies_like_one_completion_each(
     db: Conn, notes: Notes
 ) -> None:
-    a1, b1, c1 = publish(db, "a"), publish(db, "b"), publish(db, "c")
-    a2, b2 = publish(db, "a"), publish(db, "b")
-    for _ in range(3):
+    a1, b1, c1, d1 = (publish(db, queue) for queue in "abcd")
+    a2, b2, d2 = (publish(db, queue) for queue in "abd")
+    for _ in range(4):
         db.execute("SELECT claim_next_job('w1')")
     db.execute("UPDATE jobs SET status = 'resolved', result = '0' WHERE id = %s", (c1,))
     notes.read()
 
-    # One claim for three freed queues: a's next job is the oldest.
+    # One claim for four freed queues: a's next job is the oldest.
     rows = db.execute(
         "SELECT event, id FROM complete_and_claim_jobs('w1', %s, %s, %s, 1)",
-        ([a1, b1, c1], ["resolved", "rejected", "resolved"], ["1", "{}", "1"]),
+        (
+            [a1, b1, c1, d1],
+            ["resolved", "rejected", "resolved", "resolved"],
+            ["1", "{}", "1", "1"],
+        ),
     ).fetchall()
 
     assert rows == [("refused", c1), ("claimed", a2)]
-    # Each stored outcome is told; of the freed queues, only b has a job that
-    # another worker may claim now; the refused c1 sends nothing.
+    # Each stored outcome is told; of the freed queues, b and d have a job
+    # that another worker may claim now; the refused c1 sends nothing.
     assert sorted(notes.read(), key=str) == [
         ("jobs", {"queue": "b"}),
+        ("jobs", {"queue": "d"}),
         ("jobs_finished", {"id": a1, "status": "resolved"}),
         ("jobs_finished", {"id": b1, "status": "rejected"}),
+        ("jobs_finished", {"id": d1, "status": "resolved"}),
     ]
-    assert db.execute("SELECT status FROM jobs WHERE id = %s", (b2,)).fetchone() == (
-        "unfulfilled",
+    waiting = db.execute(
+        "SELECT id FROM jobs WHERE status = 'unfulfilled' AND worker IS NULL"
+        " ORDER BY id"
     )
+    assert waiting.fetchall() == [(b2,), (d2,)]
 
 
 def test_a_hand_edit_after_a_completion_in_one_transaction_still_notifies(

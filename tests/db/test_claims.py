@@ -158,10 +158,11 @@ def test_a_plain_insert_older_than_its_queue_head_still_runs(
 
 
 def wait_for_sleep(conn: Conn) -> None:
-    """Return once some other session sits in pg_sleep."""
+    """Return once another session of this database sits in pg_sleep."""
     for _ in range(200):
         row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event = 'PgSleep'"
         ).fetchone()
         if row and row[0]:
             return

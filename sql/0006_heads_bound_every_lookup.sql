@@ -323,13 +323,16 @@ BEGIN
 END
 $$;
 
--- complete_and_claim_jobs: as in 0005, except how heads move. The completer
--- takes the exclusive lock of each queue it frees (try only) before the
--- statement that records the outcomes, and moves only the heads of the
--- queues it got: the statement's snapshot then sees every job of theirs that
--- can be older than the head it finds. A queue whose lock is taken (a
--- publisher in flight) keeps its head, a lower bound still, for its next
--- claimer to move.
+-- complete_and_claim_jobs: as in 0005, except how heads move. After
+-- recording the outcomes, the completer takes the exclusive lock of each
+-- queue it freed (try only), and a statement of its own, whose snapshot
+-- comes after the locks and so sees every job of theirs that can be older
+-- than the head it finds, moves the heads of the queues it got. A queue
+-- whose lock is taken (a publisher in flight) keeps its head, a lower bound
+-- still, for its next claimer to move. The locks come after the recording,
+-- the one statement here that may wait for a row lock: waiting while
+-- holding a queue's lock could close a cycle with a hand edit that holds
+-- the row and waits for that lock (moving a job into the queue).
 CREATE OR REPLACE FUNCTION complete_and_claim_jobs(
     worker text,
     job_ids bigint[],
@@ -381,29 +384,13 @@ BEGIN
             ) USING ERRCODE = 'PQ002';
         END IF;
 
-        -- Lock: exclusive queue locks, try only, of the queues these jobs
-        -- free (the sorted subquery is evaluated before the locks).
-        SELECT coalesce(array_agg(f.queue), '{}') INTO v_locked
-        FROM (
-            SELECT DISTINCT j.queue
-            FROM jobs AS j
-            WHERE j.id = ANY (job_ids) AND j.worker = complete_and_claim_jobs.worker
-            ORDER BY j.queue
-            OFFSET 0
-        ) AS f
-        WHERE _try_lock_queue(f.queue);
-
         -- Lock: the jobs' rows. Waits only for a claimer re-claiming an
-        -- expired claim (it never waits itself); afterwards the worker check
-        -- fails. A job has a worker only while unfulfilled (CHECK
-        -- constraint), so the worker check says it all; a status condition
-        -- here would let the planner pick a partial index of waiting jobs
-        -- over the primary key, and read the whole backlog, whenever stale
-        -- statistics call it small.
-        --
-        -- The head of a locked queue moves to its oldest waiting job. A
-        -- queue left with no waiting job keeps its row until a claimer finds
-        -- it empty.
+        -- expired claim (it never waits itself), or a hand edit; afterwards
+        -- the worker check fails. A job has a worker only while unfulfilled
+        -- (CHECK constraint), so the worker check says it all; a status
+        -- condition here would let the planner pick a partial index of
+        -- waiting jobs over the primary key, and read the whole backlog,
+        -- whenever stale statistics call it small.
         WITH done AS (
             UPDATE jobs AS j
             SET status = o.status, result = o.result
@@ -412,33 +399,6 @@ BEGIN
                 AND j.id = o.id
                 AND j.worker = complete_and_claim_jobs.worker
             RETURNING j.id, j.status, j.queue
-        ),
-
-        heads AS (
-            SELECT
-                f.queue,
-                (
-                    SELECT w.id
-                    FROM jobs AS w
-                    WHERE w.queue = f.queue
-                        AND w.status = 'unfulfilled'
-                        AND w.id >= (
-                            SELECT min(x.head_id) FROM queue_heads AS x
-                            WHERE x.queue = f.queue
-                        )
-                        AND w.id NOT IN (SELECT d.id FROM done AS d)
-                    ORDER BY w.id
-                    LIMIT 1
-                ) AS head_id
-            FROM unnest(v_locked) AS f (queue)
-        ),
-
-        moved AS (
-            UPDATE queue_heads AS h SET head_id = s.head_id
-            FROM heads AS s
-            WHERE h.queue = ANY (v_locked)
-                AND h.queue = s.queue
-                AND h.head_id < s.head_id
         )
 
         SELECT
@@ -447,6 +407,41 @@ BEGIN
             coalesce(array_agg(DISTINCT d.queue), '{}')
         INTO v_ids, v_statuses, v_freed
         FROM done AS d;
+
+        -- Lock: exclusive queue locks of the freed queues, try only.
+        v_locked := ARRAY(
+            SELECT f.queue FROM unnest(v_freed) AS f (queue)
+            WHERE _try_lock_queue(f.queue)
+        );
+
+        -- The head of a locked queue moves to its oldest waiting job. A
+        -- queue left with no waiting job keeps its row until a claimer finds
+        -- it empty.
+        IF cardinality(v_locked) > 0 THEN
+            WITH heads AS (
+                SELECT
+                    f.queue,
+                    (
+                        SELECT w.id
+                        FROM jobs AS w
+                        WHERE w.queue = f.queue
+                            AND w.status = 'unfulfilled'
+                            AND w.id >= (
+                                SELECT min(x.head_id) FROM queue_heads AS x
+                                WHERE x.queue = f.queue
+                            )
+                        ORDER BY w.id
+                        LIMIT 1
+                    ) AS head_id
+                FROM unnest(v_locked) AS f (queue)
+            )
+
+            UPDATE queue_heads AS h SET head_id = s.head_id
+            FROM heads AS s
+            WHERE h.queue = ANY (v_locked)
+                AND h.queue = s.queue
+                AND h.head_id < s.head_id;
+        END IF;
 
         -- What the muted jobs_30_after_update would have sent, row by row.
         PERFORM pg_notify(
@@ -493,7 +488,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     6,
     'heads_bound_every_lookup',
-    'sha256:9480962a2e238ce1bacb08d7a7e7ce9d6ed46a390fb2f802531e53214b5bfdde'
+    'sha256:d547b566cec2a417ad828691bc490565416c170c214f808f387ad69aeeb91548'
 );
 
 COMMIT;

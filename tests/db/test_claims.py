@@ -142,7 +142,7 @@ def test_a_plain_insert_older_than_its_queue_head_still_runs(
     slow = threading.Thread(target=insert_slowly)
     slow.start()
     try:
-        wait_for_sleep(other)
+        wait_for_session(other, "wait_event = 'PgSleep'")
         younger = publish(other, "q")  # drawn after the slow INSERT's first id
         assert complete(db, first, "w1")  # moves q's head to `younger`
         assert db.execute("SELECT head_id FROM queue_heads").fetchall() == [(younger,)]
@@ -157,17 +157,53 @@ def test_a_plain_insert_older_than_its_queue_head_still_runs(
     assert claim(other, "w2") is None
 
 
-def wait_for_sleep(conn: Conn) -> None:
-    """Return once another session of this database sits in pg_sleep."""
+def test_a_completion_waiting_for_a_row_holds_no_queue_lock(
+    db: Conn, other: Conn, dsn: str
+) -> None:
+    """A completion may wait for a row someone else holds; it takes the
+    locks of the queues it frees only afterwards. Otherwise an operator
+    holding that row who moves a job into one of those queues (which takes
+    the queue's shared lock) would close a deadlock."""
+    a, b, c = publish(db, "q"), publish(db, "r"), publish(db, "s")
+    assert claim(db, "w1") == a
+    assert claim(db, "w1") == b
+    failures: list[Exception] = []
+
+    def complete_both() -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            try:
+                conn.execute(
+                    "SELECT * FROM complete_and_claim_jobs('w1', %s, %s, %s, 0)",
+                    ([a, b], ["resolved"] * 2, ["1"] * 2),
+                ).fetchall()
+            except psycopg.Error as exc:
+                failures.append(exc)
+
+    completing = threading.Thread(target=complete_both)
+    with other.transaction():
+        other.execute("SELECT FROM jobs WHERE id = %s FOR UPDATE", (a,))
+        completing.start()
+        wait_for_session(db, "wait_event_type = 'Lock'")
+        other.execute("UPDATE jobs SET queue = 'r' WHERE id = %s", (c,))
+    completing.join()
+
+    assert failures == []
+    jobs = db.execute("SELECT id, status, queue FROM jobs ORDER BY id").fetchall()
+    assert jobs == [(a, "resolved", "q"), (b, "resolved", "r"), (c, "unfulfilled", "r")]
+
+
+def wait_for_session(conn: Conn, condition: str) -> None:
+    """Return once another session of this database meets `condition` (on
+    pg_stat_activity)."""
     for _ in range(200):
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND wait_event = 'PgSleep'"
+            f" WHERE datname = current_database() AND {condition}"
         ).fetchone()
         if row and row[0]:
             return
         time.sleep(0.01)
-    raise AssertionError("the slow INSERT never reached its sleep")
+    raise AssertionError(f"no other session came to {condition}")
 
 
 def test_rolled_back_publish_leaves_nothing_to_claim(db: Conn, other: Conn) -> None:

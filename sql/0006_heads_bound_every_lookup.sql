@@ -18,7 +18,8 @@
 -- on, the rule of 0002 holds again, with one addition:
 -- - a head moves up only under its queue's exclusive lock, to what a
 --   statement whose snapshot was taken after the lock finds: completers take
---   the lock (try only) before the statement that records their outcomes;
+--   the lock (try only) after recording their outcomes, then move the head
+--   with a statement of its own;
 -- - a transaction that makes a job of the queue runnable lowers the head to
 --   it if needed, holding the queue's shared lock: the addition is that a
 --   plain INSERT does so too (its id is drawn before its lock, so it can be
@@ -488,7 +489,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     6,
     'heads_bound_every_lookup',
-    'sha256:d547b566cec2a417ad828691bc490565416c170c214f808f387ad69aeeb91548'
+    'sha256:7b86c021e050e2b1d4848d664c1f1007a3371b9282fc5bcadb45ed868264b8f2'
 );
 
 COMMIT;

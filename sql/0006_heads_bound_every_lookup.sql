@@ -91,6 +91,9 @@ LANGUAGE plpgsql
 VOLATILE
 SET search_path FROM CURRENT
 AS $$
+DECLARE
+    v_queues text[];
+    v_heads bigint[];
 BEGIN
     -- Lock: shared queue locks, already held when publish_job inserted; taken
     -- here for a plain INSERT, so that no claimer forgets its queue.
@@ -108,29 +111,26 @@ BEGIN
     -- may have set a head above one of them meanwhile: only then is a head
     -- lowered, by a statement of its own, so that a publisher's role needs
     -- UPDATE on queue_heads only for that (sql/extras/roles.sql grants it).
-    IF EXISTS (
+    SELECT
+        array_agg(e.queue),
+        array_agg(e.head_id)
+    INTO v_queues, v_heads
+    FROM (
         SELECT
-        FROM (
-            SELECT
-                i.queue,
-                min(i.id) AS head_id
-            FROM inserted_jobs AS i
-            WHERE i.status = 'unfulfilled'
-            GROUP BY i.queue
-        ) AS e
-        INNER JOIN queue_heads AS h ON h.queue = e.queue
-        WHERE h.head_id > e.head_id
-    ) THEN
-        UPDATE queue_heads AS h SET head_id = e.head_id
-        FROM (
-            SELECT
-                i.queue,
-                min(i.id) AS head_id
-            FROM inserted_jobs AS i
-            WHERE i.status = 'unfulfilled'
-            GROUP BY i.queue
-        ) AS e
-        WHERE h.queue = e.queue AND h.head_id > e.head_id;
+            i.queue,
+            min(i.id) AS head_id
+        FROM inserted_jobs AS i
+        WHERE i.status = 'unfulfilled'
+        GROUP BY i.queue
+    ) AS e
+    WHERE EXISTS (
+        SELECT FROM queue_heads AS h
+        WHERE h.queue = e.queue AND h.head_id > e.head_id
+    );
+    IF v_queues IS NOT NULL THEN
+        UPDATE queue_heads AS h SET head_id = l.head_id
+        FROM unnest(v_queues, v_heads) AS l (queue, head_id)
+        WHERE h.queue = l.queue AND h.head_id > l.head_id;
     END IF;
 
     -- Under REPEATABLE READ our snapshot may still show a row a claimer has
@@ -489,7 +489,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     6,
     'heads_bound_every_lookup',
-    'sha256:7b86c021e050e2b1d4848d664c1f1007a3371b9282fc5bcadb45ed868264b8f2'
+    'sha256:e8415a3a79fe39b7803d93c6b45445edf885988a003762277ea9ec7fc81699a8'
 );
 
 COMMIT;

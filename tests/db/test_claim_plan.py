@@ -177,3 +177,31 @@ def test_busy_queue_reads_a_few_pages_however_many_jobs_finished_since_vacuum(
 
     # The queue's 20,000 dead entries fill some eighty index pages.
     assert heavy_scans_of_jobs(plans, pages=20) == []
+
+
+def test_finishing_a_queue_by_hand_reads_a_few_pages_per_row(
+    db: psycopg.Connection[Any], plans: list[str]
+) -> None:
+    """Each finished row announces its queue at commit; each announcement
+    starts where the first one moved the queue's head, past the rows the
+    statement finished, instead of reading past all of them again."""
+    rows = 1_000
+    db.execute(
+        "SELECT count(*) FROM publish_jobs("
+        " array_fill('c'::text, ARRAY[%(n)s]),"
+        " array_fill(to_jsonb(repeat('x', 500)), ARRAY[%(n)s]),"
+        " array_fill('busy'::text, ARRAY[%(n)s]))",
+        {"n": rows + 1},
+    )
+    db.execute("VACUUM ANALYZE jobs")
+    db.execute("SELECT set_config('auto_explain.log_analyze', 'on', false)")
+    db.execute("SELECT set_config('auto_explain.log_buffers', 'on', false)")
+
+    db.execute(
+        "UPDATE jobs SET status = 'resolved', result = '1' WHERE id <= %s", (rows,)
+    )
+
+    # The finished rows fill some seventy pages of jobs: the first row's
+    # look for the head reads past them, once; no other statement does.
+    assert len(heavy_scans_of_jobs(plans, pages=20)) == 1
+    assert db.execute("SELECT head_id FROM queue_heads").fetchall() == [(rows + 1,)]

@@ -111,18 +111,34 @@ BEGIN
     -- may have set a head above one of them meanwhile: only then is a head
     -- lowered, by a statement of its own, so that a publisher's role needs
     -- UPDATE on queue_heads only for that (sql/extras/roles.sql grants it).
-    SELECT
-        array_agg(e.queue),
-        array_agg(e.head_id)
-    INTO v_queues, v_heads
-    FROM (
+    -- The statement that finds those heads also enters a queue with no row;
+    -- under REPEATABLE READ our snapshot may still show a row a claimer has
+    -- deleted since: add one anyway. A row added here is never lowered (both
+    -- parts read the snapshot from before the statement).
+    WITH entered AS (
         SELECT
             i.queue,
             min(i.id) AS head_id
         FROM inserted_jobs AS i
         WHERE i.status = 'unfulfilled'
         GROUP BY i.queue
-    ) AS e
+    ),
+
+    added AS (
+        INSERT INTO queue_heads (queue, head_id)
+        SELECT e.queue, e.head_id
+        FROM entered AS e
+        WHERE current_setting('transaction_isolation') <> 'read committed'
+            OR NOT EXISTS (
+                SELECT FROM queue_heads AS h WHERE h.queue = e.queue
+            )
+    )
+
+    SELECT
+        array_agg(e.queue),
+        array_agg(e.head_id)
+    INTO v_queues, v_heads
+    FROM entered AS e
     WHERE EXISTS (
         SELECT FROM queue_heads AS h
         WHERE h.queue = e.queue AND h.head_id > e.head_id
@@ -132,20 +148,6 @@ BEGIN
         FROM unnest(v_queues, v_heads) AS l (queue, head_id)
         WHERE h.queue = l.queue AND h.head_id > l.head_id;
     END IF;
-
-    -- Under REPEATABLE READ our snapshot may still show a row a claimer has
-    -- deleted since: add one anyway.
-    INSERT INTO queue_heads (queue, head_id)
-    SELECT i.queue, min(i.id)
-    FROM inserted_jobs AS i
-    WHERE i.status = 'unfulfilled'
-        AND (
-            current_setting('transaction_isolation') <> 'read committed'
-            OR NOT EXISTS (
-                SELECT FROM queue_heads AS h WHERE h.queue = i.queue
-            )
-        )
-    GROUP BY i.queue;
 
     PERFORM pg_notify(_channel('jobs'), json_build_object('queue', n.queue)::text)
     FROM (
@@ -361,9 +363,9 @@ $$;
 
 -- complete_and_claim_jobs: as in 0005, except how heads move. After
 -- recording the outcomes, the completer takes the exclusive lock of each
--- queue it freed (try only), and a statement of its own, whose snapshot
--- comes after the locks and so sees every job of theirs that can be older
--- than the head it finds, moves the heads of the queues it got. A queue
+-- queue it freed (try only), and _refresh_queue_heads, whose snapshot comes
+-- after the locks and so sees every job of theirs that can be older than
+-- the head it finds, makes the heads of the queues it got exact. A queue
 -- whose lock is taken (a publisher in flight) keeps its head, a lower bound
 -- still, for its next claimer to move. The locks come after the recording,
 -- the one statement here that may wait for a row lock: waiting while
@@ -450,33 +452,9 @@ BEGIN
             WHERE _try_lock_queue(f.queue)
         );
 
-        -- The head of a locked queue moves to its oldest waiting job. A
-        -- queue left with no waiting job keeps its row until a claimer finds
-        -- it empty.
+        -- Under their locks the freed queues' heads are made exact.
         IF cardinality(v_locked) > 0 THEN
-            WITH heads AS (
-                SELECT
-                    f.queue,
-                    (
-                        SELECT w.id
-                        FROM jobs AS w
-                        WHERE w.queue = f.queue
-                            AND w.status = 'unfulfilled'
-                            AND w.id >= (
-                                SELECT min(x.head_id) FROM queue_heads AS x
-                                WHERE x.queue = f.queue
-                            )
-                        ORDER BY w.id
-                        LIMIT 1
-                    ) AS head_id
-                FROM unnest(v_locked) AS f (queue)
-            )
-
-            UPDATE queue_heads AS h SET head_id = s.head_id
-            FROM heads AS s
-            WHERE h.queue = ANY (v_locked)
-                AND h.queue = s.queue
-                AND h.head_id < s.head_id;
+            PERFORM _refresh_queue_heads(v_locked);
         END IF;
 
         -- What the muted jobs_30_after_update would have sent, row by row.
@@ -524,7 +502,7 @@ INSERT INTO pyqueue_migrations (version, name, checksum)
 VALUES (
     6,
     'heads_bound_every_lookup',
-    'sha256:19cf280be8f8adbbb6e5571d1cbfcfa96a908740c5f24ec3819b5806fbbd9535'
+    'sha256:e35f6e365afeb1fc20fb534806938cf05e3eeeafde1358de8226749064697070'
 );
 
 COMMIT;

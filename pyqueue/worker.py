@@ -272,6 +272,9 @@ class Worker:
                     continue
                 self._recording = {}
                 backoff.reset()
+                if want:
+                    for outcome in batch.values():
+                        outcome.slot_offered = True
                 claimed = self._cycle_done(batch, rows)
                 if want and claimed == want:
                     continue  # there may be more to claim right away
@@ -416,7 +419,11 @@ class Worker:
                 )
             self._running.pop(job_id, None)
             self._lost.discard(job_id)
-            self._wake.set()
+            # A freed slot is news for the claim loop, unless the call that
+            # recorded this outcome already claimed for it: a claim that
+            # came back short says there is nothing more to take.
+            if outcome is None or not outcome.slot_offered:
+                self._wake.set()
 
     async def _outcome(self, job_id: int, category: str, args: Any) -> tuple[str, str]:
         """Run the handler; return ('resolved' | 'rejected', result as JSON)."""
@@ -643,6 +650,8 @@ class _Outcome:
     category: str = ""
     duration: float = 0.0
     retried: bool = False
+    # Whether the call that recorded it also claimed a job for its slot.
+    slot_offered: bool = False
     # Whether observers heard how the job ended (finished or lost).
     told: bool = False
     recorded: asyncio.Future[None] = field(

@@ -1,5 +1,6 @@
 """Claims the worker must not strand or spin on: a claim whose reply was
-lost, and an expired claim of a category this worker cannot run."""
+lost, an expired claim of a category this worker cannot run, and a claim
+for a slot the last call already claimed for."""
 
 from __future__ import annotations
 
@@ -70,3 +71,25 @@ async def test_expired_claim_of_a_foreign_category_does_not_make_workers_spin(
     # Without news, a worker looks again after poll_interval, not every few
     # milliseconds because an expiry it cannot act on lies in the past.
     assert claims <= 5
+
+
+async def test_idle_worker_makes_one_call_to_claim_and_one_to_record_a_job(
+    dsn: str,
+) -> None:
+    queue = ReplyLosingQueue(dsn, poll_interval=30.0, reap_interval=30.0)
+    queue.calls = Counter()
+    queue.calls["lost"] = 1  # lose nothing
+    queue.register("increment", lambda n: n + 1)
+
+    async with queue:
+        await asyncio.wait_for((await queue.publish("increment", 0)).done, 30)
+        before = queue.calls["COMPLETE_AND_CLAIM_JOBS"]
+        for n in range(1, 21):
+            job = await queue.publish("increment", n)
+            assert await asyncio.wait_for(job.done, 30) == n + 1
+        calls = queue.calls["COMPLETE_AND_CLAIM_JOBS"] - before
+
+    # Per job: the claim its notification starts, and the call that records
+    # its outcome (and claims for the slot it frees, finding nothing). A
+    # third call, claiming again for that slot, would find nothing either.
+    assert calls <= 2 * 20 + 1

@@ -14,8 +14,9 @@ concurrency=10 and an async handler returning its argument plus one. A drain
 is timed from the moment the workers are told to open their queues to the
 last finished_at in the table.
 
-Runs that a ratio compares alternate where they can (W1 with W4, and W5's
-process counts), since this machine's speed drifts over minutes.
+Runs that a ratio compares alternate (W1 with W4, and W5's process counts),
+and the ratio is the median of the ratios of runs seconds apart, since
+this machine's speed drifts over minutes.
 
 The server is migrated from sql/ when the run starts and every Queue checks
 the checksums again when it opens: a tree whose sql/ changes during a run
@@ -60,7 +61,8 @@ FULL = {
     "w4_history": 500_000,
     "w5_processes": [1, 2, 4],
     "repeats": 3,
-    "w5_repeats": 3,
+    "w1_repeats": 5,
+    "w5_repeats": 5,
     "pgbench_seconds": 6,
     "pgbench_clients": [1, 4, 16],
 }
@@ -73,6 +75,7 @@ QUICK = {
     "w4_history": 500_000,
     "w5_processes": [1, 2],
     "repeats": 2,
+    "w1_repeats": 2,
     "w5_repeats": 1,
     "pgbench_seconds": 3,
     "pgbench_clients": [1, 4, 16],
@@ -373,13 +376,16 @@ def reset(bench: Bench, dsn: str) -> None:
 
 
 def run_w1(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
-    """W1, and W4 when chosen: their runs alternate, so that the ratio W4 / W1
-    compares runs seconds apart (this machine's speed drifts over minutes)."""
+    """W1, and W4 when chosen: their runs alternate in pairs, W1 first in
+    one pair and W4 first in the next, and W4 / W1 is the median of the
+    pairs' ratios, so that it compares runs seconds apart (this machine's
+    speed drifts over minutes, by a third within one full run)."""
     dsn = bench.new_database("bench_w1")
     history_dsn = _preload_history(bench, sizes) if "w4" in sizes["chosen"] else None
     n, queues = sizes["w1_jobs"], sizes["w1_queues"]
-    rates, publishes, costs, history_rates = [], [], [], []
-    for r in range(sizes["repeats"]):
+    rates, publishes, costs, history_rates, paired = [], [], [], [], []
+
+    def w1_run(r: int) -> float:
         reset(bench, dsn)
         seconds = publish(dsn, n, queues)
         publishes.append(n / seconds)
@@ -391,29 +397,47 @@ def run_w1(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
             f"W1 run {r + 1}: drained in {figures['seconds']:.1f}s,"
             f" {figures['jobs_per_s']:.0f} jobs/s"
         )
-        if history_dsn is not None:
-            # The previous run's jobs join the history; only the queue must
-            # be empty.
-            publish(history_dsn, n, queues)
-            history = drain(bench, history_dsn, n, 1)
-            history_rates.append(history["jobs_per_s"])
-            results["w4_per_job"] = history["per_job"]
-            progress(f"W4 run {r + 1}: {history['jobs_per_s']:.0f} jobs/s")
+        return float(figures["jobs_per_s"])
+
+    def w4_run(r: int, history: str) -> float:
+        # The earlier runs' jobs join the history, vacuumed like W1's
+        # table before each of its runs; the queue itself is empty.
+        bench.query(history, "VACUUM ANALYZE jobs")
+        publish(history, n, queues)
+        figures = drain(bench, history, n, 1)
+        history_rates.append(figures["jobs_per_s"])
+        results["w4_per_job"] = figures["per_job"]
+        progress(f"W4 run {r + 1}: {figures['jobs_per_s']:.0f} jobs/s")
+        return float(figures["jobs_per_s"])
+
+    for r in range(sizes["w1_repeats"]):
+        if history_dsn is None:
+            w1_run(r)
+        elif r % 2 == 0:
+            w1 = w1_run(r)
+            paired.append(w4_run(r, history_dsn) / w1)
+        else:
+            w4 = w4_run(r, history_dsn)
+            paired.append(w4 / w1_run(r))
     results["w1_jobs_per_s"] = summary(rates)
     results["publish_jobs_per_s"] = summary(publishes)
     results["w1_per_job"] = costs[-1]
     if history_rates:
         results["w4_jobs_per_s"] = summary(history_rates)
+        results["w4_over_w1_paired"] = summary(paired)
 
 
 def run_w2(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
     """W2, alternating run by run with W2 between vacuums: the same queue
     after `w2_churned` of its jobs finished since the last VACUUM, each
     leaving a dead entry in front of the live ones in the index of waiting
-    jobs (what a busy queue looks like until autovacuum comes by)."""
+    jobs (what a busy queue looks like until autovacuum comes by). Each W2
+    run is followed by a run of its ceiling (pgbench, one client, one
+    transaction), and W2's ratio is the median of the runs' ratios."""
     dsn = bench.new_database("bench_w2")
+    ceiling = ceiling_database(bench)
     n = sizes["w2_jobs"]
-    rates, costs, churned_rates = [], [], []
+    rates, costs, churned_rates, paired = [], [], [], []
     for r in range(sizes["repeats"]):
         reset(bench, dsn)
         publish(dsn, n, 1)
@@ -421,6 +445,13 @@ def run_w2(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
         rates.append(figures["jobs_per_s"])
         costs.append(figures["per_job"])
         progress(f"W2 run {r + 1}: {figures['jobs_per_s']:.1f} jobs/s")
+        # Its ceiling, measured right after it.
+        one_client = pgbench_rate(bench, ceiling, "one_tx", 1, sizes["pgbench_seconds"])
+        paired.append(figures["jobs_per_s"] / one_client)
+        progress(
+            f"W2 run {r + 1}: one-client one-transaction ceiling right after,"
+            f" {one_client:.1f} jobs/s"
+        )
 
         reset(bench, dsn)
         churn(bench, dsn, sizes["w2_churned"])
@@ -435,6 +466,7 @@ def run_w2(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
     results["w2_jobs_per_s"] = summary(rates)
     results["w2_per_job"] = costs[-1]
     results["w2_churned_jobs_per_s"] = summary(churned_rates)
+    results["w2_over_one_client_ceiling_paired"] = summary(paired)
 
 
 def churn(bench: Bench, dsn: str, jobs: int) -> None:
@@ -532,13 +564,16 @@ def _preload_history(bench: Bench, sizes: dict[str, Any]) -> str:
 
 
 def run_w5(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
-    """W1 with 1, 2, 4... worker processes; a round of every count per repeat,
-    so that the ratios compare runs seconds apart."""
+    """W1 with 1, 2, 4... worker processes: a round of every count per
+    repeat, in reverse order every other round, and each count's ratio to
+    one process is the median of the rounds' ratios, so that it compares
+    runs seconds apart."""
     dsn = bench.new_database("bench_w5")
     n, queues = sizes["w1_jobs"], sizes["w1_queues"]
-    rates: dict[int, list[float]] = {p: [] for p in sizes["w5_processes"]}
+    counts = sizes["w5_processes"]
+    rates: dict[int, list[float]] = {p: [] for p in counts}
     for r in range(sizes["w5_repeats"]):
-        for processes in sizes["w5_processes"]:
+        for processes in counts if r % 2 == 0 else counts[::-1]:
             reset(bench, dsn)
             publish(dsn, n, queues)
             figures = drain(bench, dsn, n, processes)
@@ -550,6 +585,9 @@ def run_w5(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None
             )
     for processes, values in rates.items():
         results[f"w5_{processes}p_jobs_per_s"] = summary(values)
+        if processes != 1 and 1 in rates:
+            paired = [v / one for v, one in zip(values, rates[1], strict=True)]
+            results[f"w5_{processes}p_over_1p_paired"] = summary(paired)
 
 
 # -- the ceiling ---------------------------------------------------------------
@@ -579,52 +617,65 @@ SCRIPTS = {
 }
 
 
-def run_ceiling(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
-    dsn = bench.new_database("bench_ceiling")
-    bench.query(dsn, CEILING_SCHEMA)
-    pgbench = bench.server.bin_dir / "pgbench"
+def ceiling_database(bench: Bench) -> str:
+    """The ceiling's database with its minimal table, made on first use."""
+    name = "bench_ceiling"
+    if not bench.query(
+        bench.admin, "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+    ):
+        dsn = bench.new_database(name)
+        bench.query(dsn, CEILING_SCHEMA)
+    return bench.server.dsn(name)
+
+
+def pgbench_rate(
+    bench: Bench, dsn: str, kind: str, clients: int, seconds: int
+) -> float:
+    """Jobs/s of one pgbench run of the ceiling script `kind`."""
+    # A few pending rows so a claim always finds one, even while other
+    # clients hold theirs.
+    bench.query(dsn, "TRUNCATE ceiling_jobs")
+    bench.query(
+        dsn, "INSERT INTO ceiling_jobs (args) SELECT '1' FROM generate_series(1, 100)"
+    )
+    bench.query(dsn, "VACUUM ANALYZE ceiling_jobs")
     with tempfile.TemporaryDirectory() as scripts:
-        for kind, text in SCRIPTS.items():
-            path = Path(scripts) / f"{kind}.sql"
-            path.write_text(text)
-            for clients in sizes["pgbench_clients"]:
-                rates = []
-                for _ in range(sizes["repeats"]):
-                    # A few pending rows so a claim always finds one, even while
-                    # other clients hold theirs.
-                    bench.query(dsn, "TRUNCATE ceiling_jobs")
-                    bench.query(
-                        dsn,
-                        "INSERT INTO ceiling_jobs (args)"
-                        " SELECT '1' FROM generate_series(1, 100)",
-                    )
-                    bench.query(dsn, "VACUUM ANALYZE ceiling_jobs")
-                    out = subprocess.run(
-                        [
-                            str(pgbench),
-                            "-n",
-                            "-M",
-                            "prepared",
-                            "-c",
-                            str(clients),
-                            "-j",
-                            str(min(clients, 2)),
-                            "-T",
-                            str(sizes["pgbench_seconds"]),
-                            "-f",
-                            str(path),
-                            dsn,
-                        ],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    ).stdout
-                    tps = [
-                        line for line in out.splitlines() if line.startswith("tps = ")
-                    ]
-                    rates.append(float(tps[0].split()[2]))
-                results[f"ceiling_{kind}_{clients}c_jobs_per_s"] = summary(rates)
-                progress(f"ceiling {kind} {clients} clients: {rates}")
+        path = Path(scripts) / f"{kind}.sql"
+        path.write_text(SCRIPTS[kind])
+        out = subprocess.run(
+            [
+                str(bench.server.bin_dir / "pgbench"),
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                str(clients),
+                "-j",
+                str(min(clients, 2)),
+                "-T",
+                str(seconds),
+                "-f",
+                str(path),
+                dsn,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    tps = [line for line in out.splitlines() if line.startswith("tps = ")]
+    return float(tps[0].split()[2])
+
+
+def run_ceiling(bench: Bench, sizes: dict[str, Any], results: dict[str, Any]) -> None:
+    dsn = ceiling_database(bench)
+    for kind in SCRIPTS:
+        for clients in sizes["pgbench_clients"]:
+            rates = [
+                pgbench_rate(bench, dsn, kind, clients, sizes["pgbench_seconds"])
+                for _ in range(sizes["repeats"])
+            ]
+            results[f"ceiling_{kind}_{clients}c_jobs_per_s"] = summary(rates)
+            progress(f"ceiling {kind} {clients} clients: {rates}")
 
 
 # -- main ---------------------------------------------------------------------
@@ -706,7 +757,21 @@ def report(results: dict[str, Any], info: dict[str, Any], quick: bool) -> None:
             print(show(label, results[key], unit))
     print()
     for label, value in results["ratios"].items():
-        print(f"{label:<44} {value:>6.2f}")
+        print(f"{label:<52} {value:>6.2f}")
+    pairs = [
+        (label, results[key]["values"])
+        for label, key in [
+            ("W2 / its ceiling", "w2_over_one_client_ceiling_paired"),
+            ("W4 / W1", "w4_over_w1_paired"),
+        ]
+        + [
+            (f"W5 {p} / 1 process", f"w5_{p}p_over_1p_paired")
+            for p in info["sizes"]["w5_processes"]
+        ]
+        if key in results
+    ]
+    for label, values in pairs:
+        print(f"  {label}, run by run: {', '.join(f'{v:.2f}' for v in values)}")
     for name in ("w1_per_job", "w2_per_job"):  # the rest are in the JSON
         if name in results:
             print()
@@ -728,17 +793,22 @@ def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
     w1, w2, w4 = med("w1_jobs_per_s"), med("w2_jobs_per_s"), med("w4_jobs_per_s")
     if w1 and best_three:
         out["W1 / best three-transaction ceiling"] = w1 / best_three
-    if w2 and one_1c:
+    if "w2_over_one_client_ceiling_paired" in results:
+        out["W2 / one-client one-transaction ceiling (paired)"] = results[
+            "w2_over_one_client_ceiling_paired"
+        ]["median"]
+    elif w2 and one_1c:
         out["W2 / one-client one-transaction ceiling"] = w2 / one_1c
-    if w4 and w1:
+    if "w4_over_w1_paired" in results:
+        out["W4 / W1 (median of paired runs)"] = results["w4_over_w1_paired"]["median"]
+    elif w4 and w1:
         out["W4 / W1"] = w4 / w1
     if w2 and (churned := med("w2_churned_jobs_per_s")):
         out["W2 between vacuums / W2"] = churned / w2
     w5 = {p: med(f"w5_{p}p_jobs_per_s") for p in sizes["w5_processes"]}
-    if w5.get(1):
-        for p, rate in w5.items():
-            if p != 1 and rate:
-                out[f"W5 {p} processes / 1 process"] = rate / w5[1]  # type: ignore[operator]
+    for p in w5:
+        if (pairs := results.get(f"w5_{p}p_over_1p_paired")) is not None:
+            out[f"W5 {p} processes / 1 process (median of rounds)"] = pairs["median"]
     # W5's scale-out target holds "until the ceiling": these say how far past
     # the best pgbench run of any kind one and two processes already are.
     best = max(three + one, default=None)
@@ -759,7 +829,8 @@ def main() -> None:
     options = parser.parse_args()
     sizes = dict(QUICK if options.quick else FULL)
     if options.repeats:
-        sizes["repeats"] = sizes["w5_repeats"] = options.repeats
+        sizes["repeats"] = sizes["w1_repeats"] = options.repeats
+        sizes["w5_repeats"] = options.repeats
     chosen = (options.only or "w1,w2,w3,w4,w5,ceiling").split(",")
 
     bin_dir = os.environ.get("PYQUEUE_TEST_PG_BIN")

@@ -4,6 +4,11 @@ A notification on ``jobs_finished`` says which job to look at; a poll every
 ``poll_interval`` looks at all of them, so a missed notification delays a
 result but never loses it. Reads go through ``job_outcomes()``, many ids in
 one call.
+
+A newly watched job is read at once, in case it finished unheard, unless a
+``Hearing`` taken before its publish says that its finish cannot have gone
+unheard: the results listener was LISTENing before the job existed and
+still is, and no notification for a job nobody watched came since.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from .errors import JobDeleted, JobRejected, QueueNotOpen
 logger = logging.getLogger(__name__)
 
 Fetch = Callable[[list[int]], Awaitable[list[tuple[int, str, Any]]]]
+# (listening session, unwatched notifications heard so far); see Outcomes.hearing.
+Hearing = tuple[int, int]
 
 
 class Outcomes:
@@ -38,6 +45,11 @@ class Outcomes:
         self._due: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Which (re)connect of the results listener is LISTENing now (0: none),
+        # and how many finish notifications it heard for unwatched jobs.
+        self._sessions = 0
+        self._listening = 0
+        self._unwatched = 0
 
     def start(self) -> None:
         """Start settling futures; call from the event loop that awaits them."""
@@ -53,10 +65,31 @@ class Outcomes:
             future.cancel("the queue was closed before the job finished")
         self._futures.clear()
 
-    def watch(self, job_id: int) -> asyncio.Future[Any]:
+    def listening(self, alive: bool) -> None:
+        """The results listener (re)connected and LISTENs, or lost its
+        connection: notifications sent meanwhile may be lost."""
+        if alive:
+            self._sessions += 1
+            self._listening = self._sessions
+        else:
+            self._listening = 0
+
+    def hearing(self) -> Hearing | None:
+        """Taken before publishing a job (and committing it): watching it
+        later with this skips the first read if nothing changed meanwhile.
+        None when nothing listens."""
+        return (self._listening, self._unwatched) if self._listening else None
+
+    def watch(self, job_id: int, since: Hearing | None = None) -> asyncio.Future[Any]:
         """A future of `job_id`'s outcome. Each call gets its own, shielding
         the shared one: a waiter that gives up (``wait_for`` timing out
-        cancels what it awaits) leaves the outcome to later waiters."""
+        cancels what it awaits) leaves the outcome to later waiters.
+
+        `since`, a ``hearing()`` taken before the job was committed: if the
+        same listening session still runs and heard no finish of a job
+        nobody watched, this job has not finished yet, or its notification
+        is on its way, and it is not read now.
+        """
         future = self._futures.get(job_id)
         if future is None:
             if self._task is None:
@@ -66,7 +99,8 @@ class Outcomes:
                 )
             future = asyncio.get_running_loop().create_future()
             self._futures[job_id] = future
-            self._mark_due([job_id])
+            if since is None or since != self.hearing():
+                self._mark_due([job_id])
             if self._on_first_watch is not None:
                 self._on_first_watch()
                 self._on_first_watch = None
@@ -76,6 +110,8 @@ class Outcomes:
         """A notification said `job_id` finished or was deleted: look now."""
         if job_id in self._futures:
             self._mark_due([job_id])
+        else:
+            self._unwatched += 1
 
     def recheck_all(self) -> None:
         """Look at every watched job now (after a reconnect, when NOTIFYs were lost)."""

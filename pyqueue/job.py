@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from .errors import QueueNotOpen
 
 if TYPE_CHECKING:
-    from ._outcomes import Outcomes
+    from ._outcomes import Hearing, Outcomes
 
 R = TypeVar("R")
 
@@ -21,11 +21,19 @@ class Job(Generic[R]):
     any number of times, by any number of Job objects for one id.
     """
 
-    __slots__ = ("_outcomes", "id")
+    __slots__ = ("_hearing", "_outcomes", "id")
 
-    def __init__(self, job_id: int, outcomes: Outcomes | None) -> None:
+    def __init__(
+        self,
+        job_id: int,
+        outcomes: Outcomes | None,
+        hearing: Hearing | None = None,
+    ) -> None:
         self.id = job_id
         self._outcomes = outcomes
+        # Set by Queue.publish (see Outcomes.watch): the listener would hear
+        # this job finish, so its first wait needs no read.
+        self._hearing = hearing
 
     @property
     def done(self) -> asyncio.Future[R]:
@@ -35,7 +43,7 @@ class Job(Generic[R]):
                 f"cannot wait for job {self.id}: the queue is not open; "
                 "use `async with queue` or `await queue.open()`"
             )
-        future: asyncio.Future[Any] = self._outcomes.watch(self.id)
+        future: asyncio.Future[Any] = self._outcomes.watch(self.id, self._hearing)
         return future
 
     def __repr__(self) -> str:

@@ -28,7 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import _connection, _embedded, _payloads, _sql, migrations
 from ._listener import Listener
-from ._outcomes import Outcomes
+from ._outcomes import Hearing, Outcomes
 from ._registry import HandlerRegistry
 from .errors import ConnectionFailed, InvalidJob, QueueNotOpen
 from .interface import category_of
@@ -287,10 +287,11 @@ class Queue(HandlerRegistry):
             category = category_of(self._handlers, category)
         payload = _payloads.to_json(args, what="args")
         _payloads.check_category(category)
+        hearing = self._hearing(connection)
         rows = await self._execute(
             "PUBLISH_JOB", (category, payload, queue_name), connection=connection
         )
-        return self.job(rows[0][0])
+        return Job(int(rows[0][0]), self._outcomes, hearing)
 
     async def publish_many(
         self,
@@ -305,10 +306,11 @@ class Queue(HandlerRegistry):
         input order; the same transaction rules and errors as ``publish``.
         """
         categories, payloads, queues = _payloads.batch(jobs, queue_name)
+        hearing = self._hearing(connection)
         rows = await self._execute(
             "PUBLISH_JOBS", (categories, payloads, queues), connection=connection
         )
-        return [self.job(row[0]) for row in rows]
+        return [Job(int(row[0]), self._outcomes, hearing) for row in rows]
 
     def job(self, job_id: int) -> Job[Any]:
         """The Job with `job_id`, published by anyone, e.g. with SQL; its
@@ -316,6 +318,16 @@ class Queue(HandlerRegistry):
         return Job(int(job_id), self._outcomes)
 
     # -- plumbing -------------------------------------------------------------
+
+    def _hearing(
+        self, connection: psycopg.AsyncConnection[Any] | None
+    ) -> Hearing | None:
+        """Whether the finish of a job about to be published will be heard
+        (see Outcomes.watch). Not for a job in the caller's transaction: it
+        may commit much later, or roll back."""
+        if connection is not None or self._outcomes is None:
+            return None
+        return self._outcomes.hearing()
 
     async def _execute(
         self,
@@ -426,7 +438,7 @@ class Queue(HandlerRegistry):
             setup=self._setup_results_listener,
             on_notify=self._on_result_notify,
             on_connected=self._on_results_connected,
-            on_disconnected=lambda: None,
+            on_disconnected=self._on_results_disconnected,
             expect_direct=self.listen_dsn is None,
         )
         self._results_listener.start_soon()
@@ -452,6 +464,7 @@ class Queue(HandlerRegistry):
     def _on_results_connected(self) -> None:
         # Whatever finished before we listened, or while we were away.
         if self._outcomes is not None:
+            self._outcomes.listening(True)
             self._outcomes.recheck_all()
         if self._results_heard:
             self._check_pool()
@@ -463,6 +476,10 @@ class Queue(HandlerRegistry):
             task = asyncio.get_running_loop().create_task(self._pool.check())
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _on_results_disconnected(self) -> None:
+        if self._outcomes is not None:
+            self._outcomes.listening(False)
 
     def _on_disconnected(self) -> None:
         if self._worker is not None:

@@ -43,7 +43,7 @@ test-unit: install
 
 # Benchmarks on a throwaway server with default durability (fsync on): W1-W5
 # and the pgbench ceiling, figures with their spread, JSON in bench-results.json.
-# bench takes about 4 minutes on 2 cores, bench-quick about one;
+# bench takes about 5 minutes on 2 cores, bench-quick about one;
 # e.g. BENCH_ARGS="--only w1,ceiling --repeats 1".
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

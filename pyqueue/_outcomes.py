@@ -6,9 +6,10 @@ result but never loses it. Reads go through ``job_outcomes()``, many ids in
 one call.
 
 A newly watched job is read at once, in case it finished unheard, unless a
-``Hearing`` taken before its publish says that its finish cannot have gone
+``Hearing`` taken before its publish says that it cannot have finished yet
 unheard: the results listener was LISTENing before the job existed and
-still is, and no notification for a job nobody watched came since.
+still is, and no job finished since, as far as this Outcomes knows (no
+notification heard, no future settled).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .errors import JobDeleted, JobRejected, QueueNotOpen
 logger = logging.getLogger(__name__)
 
 Fetch = Callable[[list[int]], Awaitable[list[tuple[int, str, Any]]]]
-# (listening session, unwatched notifications heard so far); see Outcomes.hearing.
+# (listening session, finishes heard or settled so far); see Outcomes.hearing.
 Hearing = tuple[int, int]
 
 
@@ -46,10 +47,10 @@ class Outcomes:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # Which (re)connect of the results listener is LISTENing now (0: none),
-        # and how many finish notifications it heard for unwatched jobs.
+        # and how many finishes were heard or settled: any news at all.
         self._sessions = 0
         self._listening = 0
-        self._unwatched = 0
+        self._news = 0
 
     def start(self) -> None:
         """Start settling futures; call from the event loop that awaits them."""
@@ -78,17 +79,17 @@ class Outcomes:
         """Taken before publishing a job (and committing it): watching it
         later with this skips the first read if nothing changed meanwhile.
         None when nothing listens."""
-        return (self._listening, self._unwatched) if self._listening else None
+        return (self._listening, self._news) if self._listening else None
 
     def watch(self, job_id: int, since: Hearing | None = None) -> asyncio.Future[Any]:
         """A future of `job_id`'s outcome. Each call gets its own, shielding
         the shared one: a waiter that gives up (``wait_for`` timing out
         cancels what it awaits) leaves the outcome to later waiters.
 
-        `since`, a ``hearing()`` taken before the job was committed: if the
-        same listening session still runs and heard no finish of a job
-        nobody watched, this job has not finished yet, or its notification
-        is on its way, and it is not read now.
+        `since`, a ``hearing()`` taken before the job was committed, for
+        its first watch only: if the same listening session still runs and
+        no finish was heard or settled since, this job has not finished, or
+        its notification is on its way, and it is not read now.
         """
         future = self._futures.get(job_id)
         if future is None:
@@ -108,10 +109,9 @@ class Outcomes:
 
     def notified(self, job_id: int) -> None:
         """A notification said `job_id` finished or was deleted: look now."""
+        self._news += 1
         if job_id in self._futures:
             self._mark_due([job_id])
-        else:
-            self._unwatched += 1
 
     def recheck_all(self) -> None:
         """Look at every watched job now (after a reconnect, when NOTIFYs were lost)."""
@@ -153,6 +153,8 @@ class Outcomes:
             if future is None:
                 continue
             row = found.get(job_id)
+            if row is None or row[1] != "unfulfilled":
+                self._news += 1  # a job finished (or went) as far as we know
             if row is None:
                 settled = self._futures.pop(job_id)
                 if not settled.done():

@@ -32,7 +32,7 @@ class Job(Generic[R]):
         self.id = job_id
         self._outcomes = outcomes
         # Set by Queue.publish (see Outcomes.watch): the listener would hear
-        # this job finish, so its first wait needs no read.
+        # this job finish, so its first wait may need no read.
         self._hearing = hearing
 
     @property
@@ -44,6 +44,7 @@ class Job(Generic[R]):
                 "use `async with queue` or `await queue.open()`"
             )
         future: asyncio.Future[Any] = self._outcomes.watch(self.id, self._hearing)
+        self._hearing = None  # it speaks of the time of the publish only
         return future
 
     def __repr__(self) -> str:

@@ -119,3 +119,21 @@ async def test_job_that_finished_before_its_wait_began_resolves_at_once(
     finally:
         await worker.close()
         await publisher.close()
+
+
+async def test_finished_job_awaited_again_or_through_another_job_resolves_at_once(
+    make_queue: Any, dsn: str
+) -> None:
+    publisher, worker = await _listening(make_queue, dsn)
+    try:
+        job = await publisher.publish("increment", 1)
+        assert await asyncio.wait_for(job.done, 30) == 2
+        # Read at once, not at the next poll, 30 s away.
+        assert await asyncio.wait_for(job.done, 5) == 2
+
+        other = await publisher.publish("increment", 2)
+        assert await asyncio.wait_for(publisher.job(other.id).done, 30) == 3
+        assert await asyncio.wait_for(other.done, 5) == 3
+    finally:
+        await worker.close()
+        await publisher.close()

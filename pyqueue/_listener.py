@@ -4,6 +4,9 @@ It hands each notification to a callback, and after every (re)connect runs a
 setup callback (LISTEN, register the worker) and a "reconnected" callback, so
 that whatever was missed while away is looked at again.
 
+Between two reads of notifications, ``poke()`` has it run a reconfigure
+callback on the connection (to LISTEN or UNLISTEN while it runs).
+
 Behind a transaction-pooling proxy with no direct connection, a Listener
 instead holds a session without listening: its setup runs in a transaction
 that it keeps open (the proxy then pins one server connection to it) and
@@ -46,9 +49,12 @@ class Listener:
         keepalive: Setup | None = None,
         keepalive_interval: float = 5.0,
         expect_direct: bool = True,
+        reconfigure: Setup | None = None,
     ) -> None:
         self._dsn = dsn
         self._setup = setup
+        self._reconfigure = reconfigure
+        self._poked = asyncio.Event()
         self._connect_kwargs = connect_kwargs or {}
         self._keepalive = keepalive
         self._keepalive_interval = keepalive_interval
@@ -70,6 +76,12 @@ class Listener:
     def start_soon(self) -> None:
         """Connect and listen in the background, retrying until it works."""
         self._task = asyncio.get_running_loop().create_task(self._run(first=True))
+
+    def poke(self) -> None:
+        """Run the reconfigure callback on the connection soon, between reads
+        (after a reconnect, setup has done what it would)."""
+        if self._reconfigure is not None:
+            self._poked.set()
 
     async def stop(self) -> None:
         """Stop listening and close the connection (which ends its registration)."""
@@ -101,6 +113,7 @@ class Listener:
             try:
                 if self._conn is None:
                     self._conn = await self._connect()
+                    self._poked.clear()
                     await self._setup(self._conn)
                     if not first:
                         logger.info("listener reconnected")
@@ -111,8 +124,7 @@ class Listener:
                     while True:
                         await asyncio.sleep(self._keepalive_interval)
                         await self._keepalive(self._conn)
-                async for note in self._conn.notifies():
-                    self._on_notify(note.channel, note.payload)
+                await self._read(self._conn)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -124,3 +136,30 @@ class Listener:
                     await self._conn.close()
                     self._conn = None
                 await asyncio.sleep(backoff.next_delay())
+
+    async def _read(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hand notifications on until the connection fails, and run the
+        reconfigure callback whenever poke() asks: reading holds the
+        connection, so it stops for that and starts again."""
+        while True:
+            if self._poked.is_set() and self._reconfigure is not None:
+                self._poked.clear()
+                await self._reconfigure(conn)
+            reading = asyncio.ensure_future(self._hand_on(conn))
+            poked = asyncio.ensure_future(self._poked.wait())
+            try:
+                await asyncio.wait(
+                    [reading, poked], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                poked.cancel()
+                reading.cancel()
+                # Between reads psycopg has no query running: a cancelled
+                # read leaves the connection as it was.
+                await asyncio.gather(reading, poked, return_exceptions=True)
+            if not reading.cancelled():
+                reading.result()  # the connection failed: raise why
+
+    async def _hand_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        async for note in conn.notifies():
+            self._on_notify(note.channel, note.payload)

@@ -60,5 +60,6 @@ QUEUE_STATS = (
 )
 JOBS_TABLE = "SELECT * FROM {schema}.jobs ORDER BY id"
 
-# Synchronous waiting (pyqueue.sync): stop listening on a caller's connection.
+# Stop listening: a worker that stays full (Queue._want_work_news), and
+# synchronous waiting (pyqueue.sync) on a caller's connection.
 UNLISTEN = "UNLISTEN {channel}"

@@ -109,6 +109,10 @@ class Queue(HandlerRegistry):
         # `done` awaited. A worker-only process never hears of results.
         self._listener: Listener | None = None
         self._results_listener: Listener | None = None
+        # Whether the worker wants to hear of claimable jobs (see
+        # _want_work_news), and whether its listening connection does.
+        self._jobs_news_wanted = True
+        self._hearing_jobs = False
         self._results_heard = False
         self._dsn_in_use = ""
         self._listen_dsn_in_use: str | None = None
@@ -157,6 +161,7 @@ class Queue(HandlerRegistry):
             None if self.transaction_pooling else dsn
         )
         self._results_heard = False
+        self._jobs_news_wanted = True
         self._outcomes = Outcomes(
             self._fetch_outcomes,
             poll_interval=self.poll_interval,
@@ -174,6 +179,7 @@ class Queue(HandlerRegistry):
                 poll_interval=self.poll_interval,
                 reap_interval=self.reap_interval,
                 observers=self._observers,
+                want_work_news=self._want_work_news,
             )
             self._listener = self._worker_listener(dsn)
             try:
@@ -376,8 +382,33 @@ class Queue(HandlerRegistry):
 
     async def _setup_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The worker's listening connection: channel jobs, and liveness."""
-        await self._listen(conn, "jobs")
+        self._hearing_jobs = False
+        await self._listen_for_work(conn)
         await conn.execute(self._statement("REGISTER_WORKER"), (self.worker_name,))
+
+    def _want_work_news(self, wanted: bool) -> None:
+        """The worker has free slots its last claim could not fill (True),
+        or has been full for a while (False): LISTEN on jobs only then, so
+        that a full worker's process and its listening backend are not woken
+        by every job others announce (a full worker claims again itself,
+        whenever an outcome frees a slot)."""
+        if wanted != self._jobs_news_wanted:
+            self._jobs_news_wanted = wanted
+            if self._listener is not None:
+                self._listener.poke()
+
+    async def _listen_for_work(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        wanted = self._jobs_news_wanted
+        if wanted == self._hearing_jobs:
+            return
+        channel = psycopg.sql.Identifier(_sql.channel("jobs", self.schema))
+        statement = _sql.LISTEN if wanted else _sql.UNLISTEN
+        await conn.execute(psycopg.sql.SQL(statement).format(channel=channel))
+        self._hearing_jobs = wanted
+        if wanted and self._worker is not None:
+            # A job committed before LISTEN took effect was announced to
+            # nobody here: claim once more now.
+            self._worker.wake()
 
     async def _setup_results_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await self._listen(conn, "jobs_finished")
@@ -397,6 +428,7 @@ class Queue(HandlerRegistry):
                 on_connected=self._on_connected,
                 on_disconnected=self._on_disconnected,
                 expect_direct=self.listen_dsn is None,
+                reconfigure=self._listen_for_work,
             )
         # A session advisory lock taken through transaction pooling would stay
         # on a server connection that the proxy lends to others and may close

@@ -44,6 +44,9 @@ COMPLETE_GRACE = 5.0
 # Worker._let_handlers_finish), so that a steady stream of outcomes cannot
 # hold a cycle back.
 GATHER_TURNS = 8
+# Seconds a worker must have filled every free slot at each claim before it
+# stops hearing of claimable jobs (see Worker._note_claim).
+FULL_BEFORE_DEAF = 0.1
 Call = Callable[..., Awaitable[list[tuple[Any, ...]]]]
 
 
@@ -128,8 +131,11 @@ class Worker:
         poll_interval: float,
         reap_interval: float,
         observers: list[Observer] | None = None,
+        want_work_news: Callable[[bool], None] | None = None,
     ) -> None:
         self._call = call
+        self._want_work_news = want_work_news
+        self._full_since: float | None = None
         # The caller's list itself: an observer added later is called too.
         self._observers = observers if observers is not None else []
         self._handlers = handlers
@@ -276,6 +282,8 @@ class Worker:
                     for outcome in batch.values():
                         outcome.slot_offered = True
                 claimed = self._cycle_done(batch, rows)
+                if want:
+                    self._note_claim(full=claimed == want)
                 if want and claimed == want:
                     continue  # there may be more to claim right away
 
@@ -283,6 +291,23 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self._idle_delay())
             except TimeoutError:
                 logger.debug("poll", extra={"worker_id": self.worker_id})
+
+    def _note_claim(self, *, full: bool) -> None:
+        """A claim filled every free slot, or came back short. Notifications
+        of claimable jobs are news only to a worker with a slot it could
+        not fill: one that filled them all for FULL_BEFORE_DEAF seconds
+        stops hearing them, as its own outcomes start its next claims; the
+        first short claim turns them back on (and the Queue has it claim
+        once more when they are, for what came in between)."""
+        if self._want_work_news is None:
+            return
+        if not full:
+            self._full_since = None
+            self._want_work_news(True)
+        elif self._full_since is None:
+            self._full_since = time.monotonic()
+        elif time.monotonic() - self._full_since >= FULL_BEFORE_DEAF:
+            self._want_work_news(False)
 
     async def _let_handlers_finish(self) -> None:
         """Yield to handlers a few loop turns from their outcome, so that

@@ -1,6 +1,7 @@
 """Claims the worker must not strand or spin on: a claim whose reply was
-lost, an expired claim of a category this worker cannot run, and a claim
-for a slot the last call already claimed for."""
+lost, an expired claim of a category this worker cannot run, a claim for a
+slot the last call already claimed for, and the jobs published while a
+worker that had been full starts listening again."""
 
 from __future__ import annotations
 
@@ -93,3 +94,49 @@ async def test_idle_worker_makes_one_call_to_claim_and_one_to_record_a_job(
     # its outcome (and claims for the slot it frees, finding nothing). A
     # third call, claiming again for that slot, would find nothing either.
     assert calls <= 2 * 20 + 1
+
+
+class SlowToListenQueue(Queue):
+    """A Queue whose worker's LISTEN, when it turns notifications back on,
+    comes 0.3 s late; it records what its listening connection did."""
+
+    heard: list[bool]
+    turned_back_on: asyncio.Event
+
+    async def _listen_for_work(self, conn: Any) -> None:
+        if self._jobs_news_wanted and not self._hearing_jobs and self.heard:
+            self.turned_back_on.set()
+            await asyncio.sleep(0.3)
+        await super()._listen_for_work(conn)
+        self.heard.append(self._hearing_jobs)
+
+
+async def test_worker_full_for_a_while_stops_listening_and_misses_nothing_after(
+    dsn: str,
+) -> None:
+    queue = SlowToListenQueue(dsn, concurrency=2, poll_interval=30.0)
+    queue.heard = []
+    queue.turned_back_on = asyncio.Event()
+
+    async def slow(n: int) -> int:
+        await asyncio.sleep(0.02)
+        return n + 1
+
+    queue.register("slow", slow)
+    async with queue:
+        # Two slots, 60 jobs over 30 queues: full for about 0.6 s.
+        jobs = await queue.publish_many(
+            [("slow", n) for n in range(60)],
+            queue_name=[f"q{n % 30}" for n in range(60)],
+        )
+        for job in jobs:
+            await asyncio.wait_for(job.done, 30)
+        # Its first short claim turns notifications back on; a job published
+        # before its LISTEN takes effect is announced to nobody here.
+        await asyncio.wait_for(queue.turned_back_on.wait(), 10)
+        late = await queue.publish("slow", 100, queue_name="late")
+        # Claimed by the claim made once LISTEN took effect, not at the poll.
+        assert await asyncio.wait_for(late.done, 5) == 101
+
+    assert False in queue.heard  # it did stop listening while full
+    assert queue.heard[-1] is True

@@ -17,6 +17,7 @@ Driver errors are wrapped once, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -45,15 +46,36 @@ class QueueNotOpen(PyqueueError):
 
 
 class JobRejected(PyqueueError):
-    """The job finished as rejected; ``error`` is the serialized error (a dict)."""
+    """The job finished as rejected; ``error`` is the serialized error (a dict).
+
+    A handler's exception is stored as a dict with ``type``, ``message`` and
+    ``traceback``. Anything else in the row's result (an operator's ``UPDATE
+    jobs SET status = 'rejected'`` with no result, or another service's
+    plain string) still gives a dict: ``type`` and ``traceback`` None,
+    ``message`` saying what was there, and the stored value under
+    ``result``.
+    """
 
     def __init__(self, job_id: int, error: Any) -> None:
         self.job_id = job_id
-        self.error = error
-        message = error.get("message") if isinstance(error, dict) else error
-        kind = error.get("type") if isinstance(error, dict) else None
+        self.error: dict[str, Any] = _as_error(error)
+        message = self.error.get("message")
+        kind = self.error.get("type")
         detail = f"{kind}: {message}" if kind else f"{message}"
         super().__init__(f"job {job_id} was rejected: {detail}")
+
+
+def _as_error(stored: Any) -> dict[str, Any]:
+    """A rejected job's stored result as an error dict (see JobRejected)."""
+    if isinstance(stored, dict):
+        return stored
+    if stored is None:
+        message = "no error was recorded"
+    elif isinstance(stored, str):
+        message = stored
+    else:
+        message = json.dumps(stored)
+    return {"type": None, "message": message, "traceback": None, "result": stored}
 
 
 class JobDeleted(PyqueueError):

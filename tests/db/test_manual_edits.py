@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from pyqueue import JobDeleted, JobRejected, Queue
 
@@ -243,6 +244,37 @@ async def test_rejecting_by_hand_rejects_done(make_queue: Any, db: Conn) -> None
             await asyncio.wait_for(job.done, 10)
     assert raised.value.job_id == job.id
     assert raised.value.error == {"message": "no"}
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        (None, "no error was recorded"),  # what cancel_job's hint suggests
+        ("out of stock", "out of stock"),
+        ([1, 2], "[1, 2]"),
+    ],
+)
+async def test_rejecting_by_hand_without_an_error_dict_still_gives_one(
+    make_queue: Any, db: Conn, stored: Any, message: str
+) -> None:
+    queue: Queue = make_queue()
+    async with queue:
+        job = await queue.publish("nobody-handles-this", 1)
+
+        db.execute(
+            "UPDATE jobs SET status = 'rejected', result = %s WHERE id = %s",
+            (None if stored is None else Jsonb(stored), job.id),
+        )
+
+        with pytest.raises(JobRejected) as raised:
+            await asyncio.wait_for(job.done, 10)
+    assert raised.value.error == {
+        "type": None,
+        "message": message,
+        "traceback": None,
+        "result": stored,
+    }
+    assert str(raised.value) == f"job {job.id} was rejected: {message}"
 
 
 async def test_deleting_a_waiting_job_fails_done(make_queue: Any, db: Conn) -> None:

@@ -59,6 +59,10 @@ def failure_reason(exc: BaseException) -> str:
     if not lines:
         return "no answer"
     reason = lines[0].rsplit("failed:", 1)[-1].strip() or lines[0]
+    # The server's own refusals come as 'FATAL:  database "x" does not exist'.
+    reason = reason.removeprefix("FATAL:").strip()
+    if reason[1:2].isupper():
+        return reason  # an acronym or a name: leave it as it is
     return reason[:1].lower() + reason[1:]
 
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -56,6 +57,19 @@ class Failure(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``pyqueue`` command with `argv` (default: sys.argv); return the
     exit status."""
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # now, so that a closed pipe is caught below
+        return status
+    except BrokenPipeError:
+        # Output piped into `head` or the like, which stopped reading: stop
+        # quietly (the rest would go nowhere), as Python's docs advise.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose - args.quiet
@@ -65,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
     except (UsageError, InvalidJob) as exc:
         return _report(exc, verbose, EXIT_MISUSE)
     except (Failure, PyqueueError) as exc:
@@ -401,7 +417,21 @@ def load_queue(target: str) -> Queue:
     if isinstance(found, Queue):
         return found
     if callable(found):
-        made = found()
+        try:
+            inspect.signature(found).bind()
+        except TypeError:
+            raise UsageError(
+                f"{target!r} needs arguments (a handler?), not a Queue; "
+                "point at a Queue or a function that returns one"
+            ) from None
+        except ValueError:
+            pass  # no signature to read (some built-ins): just call it
+        try:
+            made = found()
+        except Exception as exc:
+            raise Failure(
+                f"calling {target!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         if isinstance(made, Queue):
             return made
         raise UsageError(

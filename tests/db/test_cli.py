@@ -260,3 +260,31 @@ def test_python_dash_m_pyqueue_shows_the_commands() -> None:
     assert result.returncode == 0
     for command in ("migrate", "worker", "publish", "stats", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "database"),
+    [(["stats"], "dsn"), (["migrate", "--dry-run"], "empty_dsn")],
+)
+def test_output_into_a_pipe_nobody_reads_stops_quietly(
+    request: pytest.FixtureRequest, command: list[str], database: str
+) -> None:
+    # `pyqueue ... | head -1` once head has exited: writing raises EPIPE,
+    # for a short output (stats) when it is flushed, for a long one (every
+    # migration's SQL) while it is written.
+    dsn = request.getfixturevalue(database)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pyqueue", *command, "--dsn", dsn],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+
+    assert done.stderr == ""  # no "error: BrokenPipeError", no traceback
+    assert done.returncode == 1

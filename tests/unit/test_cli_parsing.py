@@ -1,4 +1,5 @@
-"""The pyqueue command without a server: help, arguments, import paths, tables."""
+"""The pyqueue command without a server: help, arguments, import paths, tables,
+and the one-line reason a failed connection gives."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pyqueue import _embedded, cli
+from pyqueue._connection import failure_reason
 
 
 @pytest.mark.parametrize("command", ["migrate", "worker", "publish", "stats", "demo"])
@@ -52,6 +54,7 @@ def test_load_queue_accepts_a_queue_or_a_factory(
         "def factory():\n    return queue\n"
         "def wrong():\n    return 3\n"
         "def broken():\n    raise ZeroDivisionError\n"
+        "def handler(n):\n    return n + 1\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -59,6 +62,10 @@ def test_load_queue_accepts_a_queue_or_a_factory(
     assert cli.load_queue("unit_tasks:queue") is cli.load_queue("unit_tasks:factory")
     with pytest.raises(cli.UsageError, match="returned a int, not a Queue"):
         cli.load_queue("unit_tasks:wrong")
+    with pytest.raises(cli.UsageError, match="needs arguments \\(a handler\\?\\)"):
+        cli.load_queue("unit_tasks:handler")
+    with pytest.raises(cli.Failure, match="calling 'unit_tasks:broken' failed"):
+        cli.load_queue("unit_tasks:broken")
     with pytest.raises(cli.UsageError, match="has no attribute 'missing'"):
         cli.load_queue("unit_tasks:missing")
     with pytest.raises(cli.UsageError, match="no module named 'nowhere'"):
@@ -104,3 +111,25 @@ def test_format_table_lays_out_rows_as_psql_does() -> None:
 )
 def test_durations_are_short(seconds: float, text: str) -> None:
     assert cli._duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("libpq", "reason"),
+    [
+        (
+            'connection to server at "127.0.0.1", port 5 failed: Connection refused\n'
+            "\tIs the server running on that host?",
+            "connection refused",
+        ),
+        (
+            'connection to server at "127.0.0.1", port 5432 failed: FATAL:  '
+            'database "nodb" does not exist',
+            'database "nodb" does not exist',
+        ),
+        ("SSL SYSCALL error: EOF detected", "SSL SYSCALL error: EOF detected"),
+    ],
+)
+def test_connection_failure_reason_is_the_gist_in_lower_case(
+    libpq: str, reason: str
+) -> None:
+    assert failure_reason(Exception(libpq)) == reason

@@ -804,17 +804,29 @@ def report(results: dict[str, Any], info: dict[str, Any], quick: bool) -> None:
                 print(f"  {key:<32} {value:>10.3f}")
 
 
-def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
-    def med(key: str) -> float | None:
-        return results[key]["median"] if key in results else None
+def median(results: dict[str, Any], key: str) -> float | None:
+    """The median of figure `key`, or None when its workload did not run."""
+    return results[key]["median"] if key in results else None
 
+
+def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     clients = sizes["pgbench_clients"]
-    three = [v for c in clients if (v := med(f"ceiling_three_tx_{c}c_jobs_per_s"))]
-    one = [v for c in clients if (v := med(f"ceiling_one_tx_{c}c_jobs_per_s"))]
+    three = [
+        v
+        for c in clients
+        if (v := median(results, f"ceiling_three_tx_{c}c_jobs_per_s"))
+    ]
+    one = [
+        v for c in clients if (v := median(results, f"ceiling_one_tx_{c}c_jobs_per_s"))
+    ]
     best_three = max(three, default=None)
-    one_1c = med("ceiling_one_tx_1c_jobs_per_s")
-    w1, w2, w4 = med("w1_jobs_per_s"), med("w2_jobs_per_s"), med("w4_jobs_per_s")
+    one_1c = median(results, "ceiling_one_tx_1c_jobs_per_s")
+    w1, w2, w4 = (
+        median(results, "w1_jobs_per_s"),
+        median(results, "w2_jobs_per_s"),
+        median(results, "w4_jobs_per_s"),
+    )
     if w1 and best_three:
         out["W1 / best three-transaction ceiling"] = w1 / best_three
     if "w2_over_one_client_ceiling_paired" in results:
@@ -827,9 +839,9 @@ def ratios(results: dict[str, Any], sizes: dict[str, Any]) -> dict[str, float]:
         out["W4 / W1 (median of paired runs)"] = results["w4_over_w1_paired"]["median"]
     elif w4 and w1:
         out["W4 / W1"] = w4 / w1
-    if w2 and (churned := med("w2_churned_jobs_per_s")):
+    if w2 and (churned := median(results, "w2_churned_jobs_per_s")):
         out["W2 between vacuums / W2"] = churned / w2
-    w5 = {p: med(f"w5_{p}p_jobs_per_s") for p in sizes["w5_processes"]}
+    w5 = {p: median(results, f"w5_{p}p_jobs_per_s") for p in sizes["w5_processes"]}
     for p in w5:
         if (pairs := results.get(f"w5_{p}p_over_1p_paired")) is not None:
             out[f"W5 {p} processes / 1 process (median of rounds)"] = pairs["median"]
@@ -847,16 +859,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     was measured, what it had to be, and whether it was. A target whose
     workloads did not run (--only) is left out."""
 
-    def med(key: str) -> float | None:
-        return results[key]["median"] if key in results else None
-
     ratios = results["ratios"]
     out: list[dict[str, Any]] = []
 
     def judge(name: str, figure: str, wanted: str, met: bool) -> None:
         out.append({"target": name, "figure": figure, "wanted": wanted, "met": met})
 
-    if (publish := med("publish_jobs_per_s")) is not None:
+    if (publish := median(results, "publish_jobs_per_s")) is not None:
         judge("bulk publish", f"{publish:,.0f} jobs/s", ">= 40,000", publish >= 40_000)
     if (w1 := ratios.get("W1 / best three-transaction ceiling")) is not None:
         judge("W1 / best three-transaction ceiling", f"{w1:.2f}", ">= 1.0", w1 >= 1.0)
@@ -866,7 +875,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         judge(
             "W2 / one-client one-transaction ceiling", f"{w2:.2f}", ">= 0.8", w2 >= 0.8
         )
-    p50, p99 = med("w3_pickup_ms_p50"), med("w3_pickup_ms_p99")
+    p50, p99 = median(results, "w3_pickup_ms_p50"), median(results, "w3_pickup_ms_p99")
     if p50 is not None and p99 is not None:
         judge(
             "W3 publish -> handler start, p50 / p99",
@@ -874,9 +883,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             "< 2 / < 10 ms",
             p50 < 2 and p99 < 10,
         )
-    if (done := med("w3_commit_to_done_ms_p50")) is not None:
+    if (done := median(results, "w3_commit_to_done_ms_p50")) is not None:
         # The issue names no percentile here; p50 is judged, p99 shown.
-        tail = med("w3_commit_to_done_ms_p99")
+        tail = median(results, "w3_commit_to_done_ms_p99")
         judge(
             "W3 worker's commit -> done, p50",
             f"{done:.2f} ms" + (f" (p99 {tail:.2f} ms)" if tail is not None else ""),

@@ -129,7 +129,7 @@ def test_durations_are_short(seconds: float, text: str) -> None:
         ("SSL SYSCALL error: EOF detected", "SSL SYSCALL error: EOF detected"),
     ],
 )
-def test_connection_failure_reason_is_the_gist_in_lower_case(
+def test_connection_failure_reason_is_the_gist_of_what_libpq_said(
     libpq: str, reason: str
 ) -> None:
     assert failure_reason(Exception(libpq)) == reason
